@@ -1,0 +1,1 @@
+"""Einsum building blocks shared by the model families. Nothing here knows a family."""

@@ -1,0 +1,27 @@
+"""The logical axis names that parameters and activations are annotated with, and the rule
+tables that map them onto mesh axes.
+
+A parameter's logical axes are declared once, beside its shape (see `xlazoo.models.params`);
+a strategy is a table {logical name: mesh axis or None}. Names missing from a table are replicated.
+"""
+
+from jax.sharding import PartitionSpec
+
+AXES = (
+    "layers",  # stacked layer axis, scanned over: never sharded
+    "vocab",
+    "embed",  # model width D
+    "heads",  # query heads N
+    "kv_heads",  # K
+    "head_dim",  # H
+    "mlp",  # F
+    "norm",  # the axis of a norm scale (D or H)
+)
+
+
+def partition_spec(axes: tuple[str | None, ...], rules: dict[str, str | None]) -> PartitionSpec:
+  """The PartitionSpec for an array with logical `axes` under a rule table."""
+  unknown = [a for a in axes if a is not None and a not in AXES]
+  if unknown:
+    raise ValueError(f"unknown logical axis name(s) {unknown}; known: {AXES}")
+  return PartitionSpec(*(rules.get(a) if a is not None else None for a in axes))
