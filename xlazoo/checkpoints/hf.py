@@ -12,7 +12,6 @@ import os
 import re
 import struct as pystruct
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp

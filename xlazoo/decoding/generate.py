@@ -19,7 +19,7 @@ import numpy as np
 from flax import struct
 
 from xlazoo.decoding.sampling import Sampler
-from xlazoo.models import Model, family_of
+from xlazoo.models import Model
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share one compile
 

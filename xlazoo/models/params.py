@@ -4,11 +4,10 @@ Initialisation, sharding and checkpoint validation all derive from the same decl
 """
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 
@@ -69,6 +68,3 @@ class Model:
   def dtype(self):
     return jax.tree.leaves(self.params)[0].dtype
 
-
-def num_params(params: dict) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
