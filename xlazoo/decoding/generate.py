@@ -68,7 +68,7 @@ def decode(model: Model, state: State, stop_at: jax.Array, plan: Plan) -> State:
   config, family = model.config, model.family
 
   def cond(s: State):
-    return (s.step < stop_at) & ~jnp.all(s.done_B)
+    return (s.step < jnp.minimum(stop_at, plan.max_new_tokens)) & ~jnp.all(s.done_B)
 
   def body(s: State):
     logits_B1V, cache = family.forward(config, model.params, s.last_B[:, None], cache=s.cache, positions=s.pos_B[:, None])
