@@ -36,17 +36,17 @@ def _load(args):
 class _Printer:
   """Prints the text of a growing token list, holding back an incomplete UTF-8 character."""
 
-  def __init__(self, tokenizer, skip: set[int]):
-    self.tokenizer, self.skip, self.ids, self.shown = tokenizer, skip, [], ""
+  def __init__(self, tokenizer):
+    self.tokenizer, self.ids, self.shown = tokenizer, [], ""
 
-  def add(self, ids):
-    self.ids += [i for i in ids if i not in self.skip]
+  def add(self, ids, final: bool = False):
+    self.ids += ids
     if self.tokenizer is None:
-      sys.stdout.write("".join(f"{i} " for i in ids if i not in self.skip))
+      sys.stdout.write("".join(f"{i} " for i in ids))
     else:
       text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-      if text.endswith("\ufffd"):
-        return
+      if text.endswith("\ufffd") and not final:
+        return  # the next token may complete the character
       sys.stdout.write(text[len(self.shown) :] if text.startswith(self.shown) else text)
       self.shown = text
     sys.stdout.flush()
@@ -83,7 +83,8 @@ def cmd_generate(args) -> int:
   decode = g.decode_jit.lower(model, state_shape, jnp.int32(0), plan=plan).compile()
   print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-  printer = _Printer(tokenizer, {plan.pad_id} if plan.pad_id not in plan.stop_ids else set())
+  # With one row the loop ends right after a stop token, so tokens[:step] never holds padding.
+  printer = _Printer(tokenizer)
   t0 = time.perf_counter()
   state = prefill(model, prompt, lengths, key)
   first = np.asarray(state.tokens_BN[0, :1])
@@ -96,6 +97,7 @@ def cmd_generate(args) -> int:
     done = int(state.step)
     printer.add(np.asarray(state.tokens_BN[0, prev:done]).tolist())
   t_decode = time.perf_counter() - t0
+  printer.add([], final=True)
   sys.stdout.write("\n")
   n_prompt, n_decode = len(ids), done - 1
   rate = f"{n_decode / t_decode:.1f} tokens/s" if n_decode and t_decode > 0 else "n/a"

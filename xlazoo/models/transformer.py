@@ -200,15 +200,15 @@ def _ropes(d: dict, fam: dict, layer_types, max_pos: int) -> tuple[tuple[str, Ro
     per_type["full_attention"].setdefault("rope_theta", theta)
   elif "local_theta" in fam or d.get("model_type") == "olmo3":
     # 4.x Gemma 3 / Olmo 3: rope_scaling applies to the global (full attention) layers only.
-    scaling = dict(params or d.get("rope_scaling") or {})
+    scaling = dict(d.get("rope_scaling") or params or {})
     scaling.setdefault("rope_theta", theta)
     local = {"rope_theta": d.get("rope_local_base_freq", fam.get("local_theta", scaling["rope_theta"]))}
     per_type = {"full_attention": scaling, "sliding_attention": local}
   else:
-    one = dict(params or d.get("rope_scaling") or {})
+    one = dict(d.get("rope_scaling") or params or {})  # transformers lets rope_scaling win
     one.setdefault("rope_theta", theta)
     per_type = {t: one for t in LAYER_TYPES}
-  truncate = (params or {}).get("truncate", True)
+  truncate = (d.get("rope_scaling") or params or {}).get("truncate", True)
   return tuple((t, _rope(per_type[t], max_pos, truncate)) for t in LAYER_TYPES if t in layer_types)
 
 
