@@ -489,3 +489,14 @@ def test_gemma3_4x_layout(tmp_path):
   t4 = transformers.AutoModelForCausalLM.from_pretrained(str(d4_dir), attn_implementation="eager").eval()
   np.testing.assert_allclose(hf_logits(t4, TOKENS), ref_logits, rtol=0, atol=1e-6)  # transformers agrees
   assert rel_err(xlazoo.forward(xlazoo.load(d4_dir), TOKENS), ref_logits) < 1e-4
+
+
+def test_progress_bar_on_large_loads(llama_dir, capsys, monkeypatch):
+  from xlazoo.checkpoints import hf
+
+  _, llama_dir = llama_dir
+  hf.load_hf(llama_dir, progress=False)
+  assert "loading" not in capsys.readouterr().err
+  monkeypatch.setattr(hf, "PROGRESS_BYTES", 0)  # every checkpoint counts as large
+  hf.load_hf(llama_dir)
+  assert "loading hf" in capsys.readouterr().err
