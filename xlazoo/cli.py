@@ -68,13 +68,10 @@ def cmd_generate(args) -> int:
     ids = tokenizer.encode(args.prompt).ids
   else:
     ids = _parse_ids(args.prompt_ids)
-  try:
-    prompt, lengths, plan = g.prepare(
-        model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p,
-    )
-  except (ValueError, TypeError) as e:
-    raise SystemExit(f"error: {e}")
+  prompt, lengths, plan = g.prepare(
+      model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+      top_p=args.top_p, min_p=args.min_p,
+  )
   prompt, lengths, key = jnp.asarray(prompt), jnp.asarray(lengths), jax.random.key(args.seed)
 
   t0 = time.perf_counter()
