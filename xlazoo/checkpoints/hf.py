@@ -8,6 +8,7 @@ work starts); the second copies one tensor at a time into the stacked parameter 
 
 import dataclasses
 import json
+import math
 import os
 import re
 import struct as pystruct
@@ -121,7 +122,13 @@ def to_hf(y: np.ndarray, kind: str) -> np.ndarray:
 
 
 def hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
-  return to_hf(np.empty(shape, np.uint8), kind).shape
+  """The shape that to_hf gives for our `shape`."""
+  size = math.prod(shape)
+  if kind == "in":
+    return (size // shape[0], shape[0])
+  if kind == "out":
+    return (shape[-1], size // shape[-1])
+  return (size,) if kind == "flat" else tuple(shape)
 
 
 def _expand(rows, num_layers: int) -> dict[str, tuple[str, int | None, str]]:
