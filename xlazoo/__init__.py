@@ -11,6 +11,7 @@ import os
 import jax
 import numpy as np
 
+from xlazoo.decoding.generate import check_ids
 from xlazoo.models import MODEL_TYPES, Model
 
 __version__ = "0.1.0"
@@ -44,9 +45,7 @@ def forward(model: Model, tokens) -> jax.Array:
   arr = np.asarray(tokens)
   if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(f"tokens must be a 2-D integer array [batch, length], got {arr.dtype} of shape {arr.shape}")
-  bad = arr[(arr < 0) | (arr >= model.config.vocab_size)]
-  if bad.size:
-    raise ValueError(f"token id(s) {bad[:5].tolist()} outside the vocabulary [0, {model.config.vocab_size})")
+  check_ids(arr, model.config.vocab_size)
   if arr.shape[1] > model.config.max_position_embeddings:
     raise ValueError(
         f"sequence length {arr.shape[1]} exceeds the model's context (max_position_embeddings = "

@@ -91,6 +91,13 @@ def _generate(model, prompt_BT, lengths_B, key, plan: Plan):
   return decode(model, state, jnp.int32(plan.max_new_tokens), plan).tokens_BN
 
 
+def check_ids(ids: np.ndarray, vocab_size: int, where: str = "") -> None:
+  """Raises if any token id lies outside [0, vocab_size)."""
+  bad = ids[(ids < 0) | (ids >= vocab_size)]
+  if bad.size:
+    raise ValueError(f"{where}token id(s) {bad[:5].tolist()} outside the vocabulary [0, {vocab_size})")
+
+
 def prepare(
     model: Model,
     prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
@@ -121,9 +128,7 @@ def prepare(
       raise ValueError(f"prompt {i} is empty or not a flat list of token ids")
     if not np.issubdtype(r.dtype, np.integer):
       raise TypeError(f"prompt {i} holds {r.dtype} values; token ids must be integers")
-    bad = r[(r < 0) | (r >= config.vocab_size)]
-    if bad.size:
-      raise ValueError(f"prompt {i} has token id(s) {bad[:5].tolist()} outside the vocabulary [0, {config.vocab_size})")
+    check_ids(r, config.vocab_size, f"prompt {i} has ")
   if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
     raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
   sampler = Sampler(temperature, top_k, top_p, min_p)
