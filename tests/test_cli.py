@@ -1,5 +1,5 @@
-"""The `xlazoo` command line: generate (tiny default model, HF dirs, ids and text), convert,
-export, --help, and argument errors. Runs main() in-process."""
+"""The `xlazoo` command line: generate (HF and xlazoo dirs, ids and text), convert, export, --help,
+and argument errors. Runs main() in-process. (The default model and chat: test_default_model.py.)"""
 
 import json
 import re
@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 import xlazoo
 from tests.parity import hf_model, save
 from xlazoo import cli
-from xlazoo.checkpoints.tiny import byte_tokenizer, tiny_model
+from tests.tiny import byte_tokenizer, save_tiny, tiny_model
 from xlazoo.decoding import generate as g
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +64,11 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  return save_tiny(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+@pytest.fixture(scope="module")
 def llama(llama_dir):
   return xlazoo.load(llama_dir)
 
@@ -71,10 +76,9 @@ def llama(llama_dir):
 # ----------------------------------------------------------------------------- generate
 
 
-def test_generate_tiny_default(capsys):
-  code, out, err = run(capsys, "generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "5")
+def test_generate_xlazoo_dir(capsys, tiny_dir):
+  code, out, err = run(capsys, "generate", "--model", tiny_dir, "--prompt-ids", "1,2,3", "--max-new-tokens", "5")
   assert code == 0, err
-  assert "untrained" in err.lower() and "no --model" in err
   ids = expected_ids(tiny_model(), [1, 2, 3], 5)
   assert 1 <= len(ids) <= 5
   assert_text(out, byte_tokenizer(), ids)
@@ -99,7 +103,6 @@ def test_generate_hf_dir_prints_ids(capsys, llama_dir, llama, flags, sampling):
   prompt, n = PROMPT, 20  # 20 > STREAM_SEGMENT: several decode segments
   code, out, err = run(capsys, "generate", "--model", llama_dir, "--prompt-ids", " 5, 17,3,99,42", "--max-new-tokens", n, *flags)
   assert code == 0, err
-  assert "untrained" not in err.lower()
   want = expected_ids(llama, prompt, n, **sampling)
   assert [int(t) for t in out.split()] == want
   timing(err, len(prompt), len(want) - 1)
@@ -223,12 +226,12 @@ def test_top_level_help(capsys):
   code, out, _ = run(capsys, "--help")
   assert code == 0
   _, subs = _subparsers()
-  assert set(subs) == {"generate", "convert", "export"}
+  assert set(subs) == {"generate", "chat", "convert", "export"}
   for name in subs:
     assert name in out
 
 
-@pytest.mark.parametrize("command", ["generate", "convert", "export"])
+@pytest.mark.parametrize("command", ["generate", "chat", "convert", "export"])
 def test_subcommand_help_lists_every_flag(capsys, monkeypatch, command):
   monkeypatch.setenv("COLUMNS", "200")
   code, out, _ = run(capsys, command, "--help")
@@ -250,7 +253,7 @@ def test_module_help_subprocess():
       [sys.executable, "-m", "xlazoo.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
   )
   assert r.returncode == 0, r.stderr
-  for name in ("generate", "convert", "export"):
+  for name in ("generate", "chat", "convert", "export"):
     assert name in r.stdout
 
 
@@ -281,15 +284,15 @@ IDS = ["--prompt-ids", "1,2,3"]
     ids=["temperature", "top_p_0", "top_p_1.5", "top_k", "min_p", "max_new_tokens_0", "context", "both_prompts",
          "bad_ids", "empty_ids", "id_too_big", "id_negative", "not_an_int", "no_such_model"],
 )
-def test_invalid_generate_arguments(capsys, argv, message):
-  code, out, err = run(capsys, "generate", *argv)
+def test_invalid_generate_arguments(capsys, tiny_dir, argv, message):
+  code, out, err = run(capsys, "generate", "--model", tiny_dir, *argv)
   assert code != 0
   assert message in err
   assert "compiled in" not in err and out == ""  # rejected before any compilation
 
 
-def test_neither_prompt(capsys):
-  code, _, err = run(capsys, "generate")
+def test_neither_prompt(capsys, tiny_dir):
+  code, _, err = run(capsys, "generate", "--model", tiny_dir)
   assert code != 0 and "exactly one of --prompt TEXT or --prompt-ids" in err
 
 

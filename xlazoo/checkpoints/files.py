@@ -32,8 +32,13 @@ def atomic_dir(out: str | os.PathLike):
     raise
 
 
-def copy(src: Path, dst: Path) -> None:
-  shutil.copyfile(src, dst)
+def put(directory: Path, extra: dict[str, "Path | str"]) -> None:
+  """Writes side files into `directory`: each name's source file is copied, or its text written."""
+  for name, src in extra.items():
+    if isinstance(src, Path):
+      shutil.copyfile(src, directory / name)
+    else:
+      (directory / name).write_text(src)
 
 
 def progress(total: int, desc: str, show: bool, unit: str = "it"):

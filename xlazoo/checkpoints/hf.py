@@ -171,13 +171,19 @@ def load_hf(path: str | os.PathLike, dtype=None, progress: bool | None = None) -
   """Reads a local Hugging Face checkpoint directory into a Model (params on the default device)."""
   path = Path(path)
   config = read_config(path)
+  dtype = dtype or config.hf.get("dtype") or config.hf.get("torch_dtype") or "float32"
+  return fill(config, [_Source(f) for f in _weight_files(path)], str(path), dtype, progress)
+
+
+def fill(config, sources, label: str, dtype, progress: bool | None = None) -> Model:
+  """Builds the Model from `sources` of HF-named tensors (anything with .shapes, .nbytes and .get).
+
+  Every name and shape is checked against the family's table first, and all problems are
+  reported at once; only then is the data copied, one tensor at a time, into the stacked buffers.
+  """
   family = family_for(config.model_type)
-  hf = config.hf
-  dtype = jnp.dtype(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
   flat_shapes = {"/".join(k): v for k, v in traverse_util.flatten_dict(shapes(family.param_decls(config))).items()}
   needed = hf_names(config)
-
-  sources = [_Source(f) for f in _weight_files(path)]
   where, unexpected, mismatched = {}, [], []
   for src in sources:
     for name, shape in src.shapes.items():
@@ -200,13 +206,13 @@ def load_hf(path: str | os.PathLike, dtype=None, progress: bool | None = None) -
   if mismatched:
     problems.append("shape mismatch: " + "; ".join(mismatched[:20]))
   if problems:
-    raise ValueError(f"checkpoint {path} does not fit {config.model_type} config.json: " + " | ".join(problems))
+    raise ValueError(f"checkpoint {label} does not fit its {config.model_type} config: " + " | ".join(problems))
 
-  np_dtype = np.dtype(dtype)
+  np_dtype = np.dtype(jnp.dtype(dtype))
   buffers = {p: np.empty(s, np_dtype) for p, s in flat_shapes.items()}
   total = sum(src.nbytes[n] for n, src in where.items())
   show = progress if progress is not None else total > PROGRESS_BYTES
-  with files.progress(total, f"loading {path.name}", show, unit="B") as bar:
+  with files.progress(total, f"loading {Path(label).name}", show, unit="B") as bar:
     for name, (our_path, layer, kind) in needed.items():
       src = where[name]
       x = to_ours(src.get(name), kind, buffers[our_path].shape[1:] if layer is not None else buffers[our_path].shape)
@@ -234,8 +240,8 @@ def save_safetensors(tensors: dict[str, np.ndarray], f: Path) -> None:
       fh.write(np.ascontiguousarray(x).tobytes())
 
 
-def export_hf(model: Model, out: str | os.PathLike, extra_files: list[Path] = ()) -> Path:
-  """Writes config.json + model.safetensors (+ extra_files, e.g. the tokenizer) that transformers loads."""
+def export_hf(model: Model, out: str | os.PathLike, extra: dict[str, Path | str] | None = None) -> Path:
+  """Writes config.json + model.safetensors (+ extra side files, e.g. the tokenizer) that transformers loads."""
   config = model.config
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(model.params).items()}
   tensors = {}
@@ -248,6 +254,5 @@ def export_hf(model: Model, out: str | os.PathLike, extra_files: list[Path] = ()
   with files.atomic_dir(out) as tmp:
     save_safetensors(tensors, tmp / "model.safetensors")
     (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
-    for f in extra_files:
-      files.copy(f, tmp / f.name)
+    files.put(tmp, extra or {})
   return Path(out)

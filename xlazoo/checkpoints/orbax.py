@@ -28,15 +28,14 @@ def is_xlazoo_dir(path: Path) -> bool:
   return (path / MARKER).is_file()
 
 
-def save(model: Model, out: str | os.PathLike, extra_files: list[Path] = ()) -> Path:
+def save(model: Model, out: str | os.PathLike, extra: dict[str, Path | str] | None = None) -> Path:
   """Writes `model` to a new directory `out`, atomically (all of it or nothing under that name)."""
   with files.atomic_dir(out) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save((tmp / "params").absolute(), model.params)
       ckptr.wait_until_finished()
     (tmp / "config.json").write_text(json.dumps(model.config.hf, indent=2, sort_keys=True))
-    for f in extra_files:
-      files.copy(f, tmp / f.name)
+    files.put(tmp, extra or {})
     (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "version": 1, "dtype": str(jnp.dtype(model.dtype))}))
   return Path(out)
 

@@ -1,9 +1,11 @@
-"""The built-in tiny model: a deterministic, untrained (random) Llama-style model with a byte-level
-tokenizer, so that `xlazoo generate` runs on a fresh machine without any download."""
+"""A tiny deterministic random Llama-style model with a byte-level tokenizer, for CLI tests."""
+
+from pathlib import Path
 
 import jax
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from xlazoo.checkpoints import orbax
 from xlazoo.models import Model, config_from_hf, family_of
 
 SPECIALS = ("<bos>", "<eos>", "<pad>")
@@ -12,12 +14,16 @@ CONFIG = dict(
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=256, eos_token_id=257,
     pad_token_id=258, tie_word_embeddings=True, rope_theta=10000.0,
 )
-NOTICE = "note: no --model given, so this is xlazoo's built-in tiny model: it is UNTRAINED (random weights) and prints gibberish"
 
 
 def tiny_model() -> Model:
   config = config_from_hf(CONFIG)
   return Model(config, family_of(config).init(config, jax.random.key(0)))
+
+
+def save_tiny(path: Path) -> Path:
+  """The tiny model as an xlazoo directory with its tokenizer.json."""
+  return orbax.save(tiny_model(), path, {"tokenizer.json": byte_tokenizer().to_str()})
 
 
 def byte_tokenizer() -> Tokenizer:
