@@ -274,9 +274,11 @@ def tokenizer(path: Path):
         "its text splitting cannot be rebuilt exactly"
     )
   split = PRE_TOKENIZERS[pre]
-  tokens = r.fields["tokenizer.ggml.tokens"].contents()
-  types = r.fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in r.fields else []
-  merges = [tuple(m.split(" ")) for m in r.fields["tokenizer.ggml.merges"].contents()]
+  tokens, types, merges = (
+      r.fields[f"tokenizer.ggml.{k}"].contents() if f"tokenizer.ggml.{k}" in r.fields else []
+      for k in ("tokens", "token_type", "merges")
+  )
+  merges = [tuple(m.split(" ")) for m in merges]
   vocab = {t: i for i, t in enumerate(tokens)}
   backend = Backend(models.BPE(vocab, merges, ignore_merges=split == "llama3"))
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in ("gpt2", "smollm"))

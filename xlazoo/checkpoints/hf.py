@@ -240,15 +240,20 @@ def save_safetensors(tensors: dict[str, np.ndarray], f: Path) -> None:
       fh.write(np.ascontiguousarray(x).tobytes())
 
 
-def export_hf(model: Model, out: str | os.PathLike, extra: dict[str, Path | str] | None = None) -> Path:
-  """Writes config.json + model.safetensors (+ extra side files, e.g. the tokenizer) that transformers loads."""
-  config = model.config
+def hf_tensors(model: Model) -> dict[str, np.ndarray]:
+  """The model's parameters as Hugging Face names and layouts (on the host)."""
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(model.params).items()}
   tensors = {}
-  for name, (our_path, layer, kind) in hf_names(config).items():
+  for name, (our_path, layer, kind) in hf_names(model.config).items():
     y = np.asarray(jax.device_get(flat[our_path] if layer is None else flat[our_path][layer]))
     tensors[name] = np.ascontiguousarray(to_hf(y, kind))
-  hf = config.hf
+  return tensors
+
+
+def export_hf(model: Model, out: str | os.PathLike, extra: dict[str, Path | str] | None = None) -> Path:
+  """Writes config.json + model.safetensors (+ extra side files, e.g. the tokenizer) that transformers loads."""
+  tensors = hf_tensors(model)
+  hf = model.config.hf
   hf["dtype"] = str(jnp.dtype(model.dtype))
   hf.pop("torch_dtype", None)
   with files.atomic_dir(out) as tmp:
