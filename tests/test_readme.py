@@ -28,11 +28,10 @@ def test_readme_main_command_runs():
   generate = main_cmd.split("&& ")[-1]  # the part after the install steps
   assert generate.startswith("xlazoo generate")
   exe = Path(sys.executable).parent / "xlazoo"
-  cmd = generate.replace("xlazoo", str(exe), 1) + " --max-new-tokens 8"
-  r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=300)
+  cmd = generate.replace("xlazoo", str(exe), 1)
+  r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr
-  assert "UNTRAINED" in r.stderr and "tokens/s" in r.stderr
-  assert r.stdout.strip()
+  assert "Paris" in r.stdout and "tokens/s" in r.stderr
 
 
 def test_readme_python_example_runs(tmp_path):
