@@ -183,13 +183,13 @@ def test_crash_leaves_nothing(llama_dir, tmp_path, monkeypatch, exc, step):
     source = checkpoints.convert(src, tmp_path / "zoo")
   calls = []
 
-  def crash(a, b):
-    calls.append((a, b))
-    assert b.parent.name.startswith(".out.tmp-")  # written into the hidden temp dir, not `out`
+  def crash(directory, extra):
+    calls.append(extra)
+    assert directory.name.startswith(".out.tmp-")  # written into the hidden temp dir, not `out`
     assert not out.exists()
     raise exc("simulated crash")
 
-  monkeypatch.setattr(files, "copy", crash)
+  monkeypatch.setattr(files, "put", crash)
   with pytest.raises(exc, match="simulated crash"):
     getattr(checkpoints, step)(source, out)
   assert calls, "the crash was never triggered"
