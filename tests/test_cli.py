@@ -14,8 +14,8 @@ from safetensors.numpy import load_file
 
 import xlazoo
 from tests.parity import hf_model, save
-from xlazoo import cli
 from tests.tiny import byte_tokenizer, save_tiny, tiny_model
+from xlazoo import cli
 from xlazoo.decoding import generate as g
 
 ROOT = Path(__file__).resolve().parents[1]

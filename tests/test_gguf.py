@@ -152,19 +152,6 @@ def test_convert_export_roundtrip(tmp_path, capsys):
 # ----------------------------------------------------------------------------- bad files
 
 
-def _minimal(path, arch="llama", meta=(), tensors=()):
-  w = GGUFWriter(str(path), arch)
-  for k, v in meta:
-    w.add_uint32(k, v)
-  for name, x, raw in tensors:
-    w.add_tensor(name, x, raw_dtype=raw)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  return path
-
-
 @pytest.fixture
 def good(tmp_path) -> Path:
   return Path(gguf_files.write(hf_model("llama", vocab_size=V), tmp_path / "good.gguf", "llama", Q.Q8_0))
@@ -220,49 +207,39 @@ def test_unsupported_metadata(tmp_path, arch, meta, message):
 
 
 def test_unsupported_architecture(tmp_path):
-  f = _minimal(tmp_path / "g.gguf", "gemma2", [("gemma2.block_count", 1)])
+  f = gguf_files.write(hf_model("llama", vocab_size=V), tmp_path / "g.gguf", "gemma2")
   with pytest.raises(ValueError, match=r"GGUF architecture 'gemma2' is not supported; xlazoo reads llama, mistral"):
     xlazoo.load(f)
 
 
+def _rewrite(r: GGUFReader, path: Path, tensors) -> Path:
+  """A copy of `r`'s metadata with `tensors` ((name, data, raw type or None), ...)."""
+  w = GGUFWriter(str(path), "llama")
+  for k, field in r.fields.items():
+    if not k.startswith("GGUF.") and k != "general.architecture":
+      w.add_key_value(k, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+  for name, data, raw in tensors:
+    w.add_tensor(name, data, raw_dtype=raw)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
 def test_unsupported_tensor_type_and_missing_tensors(tmp_path):
   ref = hf_model("llama", vocab_size=V, num_hidden_layers=1)
-  f = gguf_files.write(ref, tmp_path / "m.gguf", "llama")
-  r = GGUFReader(f)
-  # Rewrite with one weight as IQ4_NL (which xlazoo does not read) and one weight left out.
-  w = GGUFWriter(str(tmp_path / "iq.gguf"), "llama")
-  for k, field in r.fields.items():
-    if not k.startswith("GGUF.") and k != "general.architecture":
-      w.add_key_value(k, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
-  for t in r.tensors:
-    if t.name == "blk.0.ffn_up.weight":
-      continue
-    if t.name == "blk.0.ffn_gate.weight":
-      rows, cols = t.data.shape
-      w.add_tensor(t.name, np.zeros((rows, cols // 32 * 18), np.uint8), raw_dtype=Q.IQ4_NL)
-    else:
-      w.add_tensor(t.name, np.asarray(t.data))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  r = GGUFReader(gguf_files.write(ref, tmp_path / "m.gguf", "llama"))
+  kept = [t for t in r.tensors if t.name != "blk.0.ffn_up.weight"]
+  # One weight as IQ4_NL (which xlazoo does not read), one weight left out: the type is named first.
+  iq = [(t.name, np.zeros((t.data.shape[0], t.data.shape[1] // 32 * 18), np.uint8), Q.IQ4_NL) if t.name ==
+        "blk.0.ffn_gate.weight" else (t.name, np.asarray(t.data), None) for t in kept]
   with pytest.raises(ValueError, match=r"tensor type\(s\) IQ4_NL are not supported \(supported: F32, F16"):
-    xlazoo.load(tmp_path / "iq.gguf")
+    xlazoo.load(_rewrite(r, tmp_path / "iq.gguf", iq))
   (tmp_path / "iq.gguf").unlink()
-  # Now only the missing tensor: the same single error as for a Hugging Face checkpoint.
-  w = GGUFWriter(str(tmp_path / "miss.gguf"), "llama")
-  for k, field in r.fields.items():
-    if not k.startswith("GGUF.") and k != "general.architecture":
-      w.add_key_value(k, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
-  for t in r.tensors:
-    if t.name != "blk.0.ffn_up.weight":
-      w.add_tensor(t.name, np.asarray(t.data))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  # Only the missing tensor: the same error as for a Hugging Face checkpoint.
   with pytest.raises(ValueError, match=r"missing weights \(1\): model.layers.0.mlp.up_proj.weight"):
-    xlazoo.load(tmp_path / "miss.gguf")
+    xlazoo.load(_rewrite(r, tmp_path / "miss.gguf", [(t.name, np.asarray(t.data), None) for t in kept]))
 
 
 def test_llama3_rope_freqs_must_match(tmp_path):

@@ -253,7 +253,15 @@ def load(path: Path, dtype=None, progress: bool | None = None):
 
 def tokenizer(path: Path):
   """The file's tokenizer rebuilt as a `tokenizers` tokenizer (byte-level BPE vocabularies)."""
-  from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+  from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+  )
   from tokenizers import Tokenizer as Backend
 
   from xlazoo.tokenizer import Tokenizer
