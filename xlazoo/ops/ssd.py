@@ -1,0 +1,104 @@
+"""Mamba-2's state-space duality (SSD): the chunked scan and the one-step recurrence.
+
+Dimensions: B batch, T sequence, N SSM heads, P head dim, G groups, R heads per group (N = G R),
+Q state size, C chunks, and T / S for a target / source position inside one chunk.
+
+Per head n, with a scalar decay a_t = exp(dt_t A_n) < 1 and a state h of shape [P, Q]:
+    h_t = a_t h_{t-1} + dt_t x_t B_t^T        y_t = h_t C_t
+The chunked form (Dao & Gu 2024, "Transformers are SSMs", section 6) computes, per chunk of length
+T, the quadratic attention-like part inside the chunk, each chunk's contribution to the state at
+its end, a short recurrence over the chunk states, and the states' contribution to the outputs.
+All of it is einsums; decays, their cumulative sums and the states are float32. A step with
+dt = 0 leaves the state unchanged (that is how padding is kept out of it).
+
+Groups: heads n = g R + r share B and C of group g. B and C stay [.., G, Q] and are broadcast in
+the einsums; they are never repeated to N heads.
+"""
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+def _segsum(a_XT: jax.Array) -> jax.Array:
+  """seg[..., t, s] = a[s+1] + ... + a[t] for s <= t (a running sum, not a difference of cumsums,
+  so long segments keep their precision); -inf above the diagonal. a: [..., T] -> [..., T, T]."""
+  T = a_XT.shape[-1]
+  lower = jnp.tril(jnp.ones((T, T), bool), -1)
+  a_XTS = jnp.where(lower, a_XT[..., :, None], 0.0)  # a_t at (t, s) for t > s
+  seg = jnp.cumsum(a_XTS, axis=-2)
+  return jnp.where(jnp.tril(jnp.ones((T, T), bool)), seg, -jnp.inf)
+
+
+def ssd(
+    x_BTNP: jax.Array,
+    dt_BTN: jax.Array,
+    A_N: jax.Array,
+    B_BTGQ: jax.Array,
+    C_BTGQ: jax.Array,
+    *,
+    chunk: int,
+    state_BNPQ: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """y [B, T, N, P] (float32) and the final state [B, N, P, Q] (float32), from an optional initial state.
+
+  Any T works: the tail is padded to a whole chunk with dt = 0, which leaves the state unchanged.
+  """
+  Bsz, T, N, P = x_BTNP.shape
+  G, Q = B_BTGQ.shape[2:]
+  R = N // G
+  pad = -T % chunk
+  if pad:
+    widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
+    x_BTNP, dt_BTN, B_BTGQ, C_BTGQ = (jnp.pad(x, widths(x)) for x in (x_BTNP, dt_BTN, B_BTGQ, C_BTGQ))
+  C = (T + pad) // chunk
+  x = x_BTNP.astype(f32).reshape(Bsz, C, chunk, G, R, P)
+  dt = dt_BTN.astype(f32).reshape(Bsz, C, chunk, G, R)
+  Bm = B_BTGQ.astype(f32).reshape(Bsz, C, chunk, G, Q)
+  Cm = C_BTGQ.astype(f32).reshape(Bsz, C, chunk, G, Q)
+  a_BCGRT = jnp.moveaxis(dt * A_N.astype(f32).reshape(G, R), 2, -1)  # log-decay of each step
+  xdt_BCSGRP = x * dt[..., None]
+
+  # 1. Inside each chunk: y_t = sum_{s<=t} (C_t . B_s) exp(a_{s+1} + ... + a_t) dt_s x_s.
+  decay_BCGRTS = jnp.exp(_segsum(a_BCGRT))
+  CB_BCTSG = jnp.einsum("BCTGQ,BCSGQ->BCTSG", Cm, Bm)
+  y_BCTGRP = jnp.einsum("BCTSG,BCGRTS,BCSGRP->BCTGRP", CB_BCTSG, decay_BCGRTS, xdt_BCSGRP)
+
+  # 2. Each chunk's own contribution to the state at its end.
+  to_end_BCGRS = decay_BCGRTS[..., -1, :]
+  local_BCGRPQ = jnp.einsum("BCGRS,BCSGRP,BCSGQ->BCGRPQ", to_end_BCGRS, xdt_BCSGRP, Bm)
+
+  # 3. The states entering each chunk: a recurrence over chunks, written as one more decay matrix.
+  if state_BNPQ is None:
+    state_BNPQ = jnp.zeros((Bsz, N, P, Q), f32)
+  init_B1GRPQ = state_BNPQ.astype(f32).reshape(Bsz, 1, G, R, P, Q)
+  states_BCGRPQ = jnp.concatenate([init_B1GRPQ, local_BCGRPQ], axis=1)  # C + 1 entries
+  total_BGRC = jnp.moveaxis(a_BCGRT.sum(-1), 1, -1)
+  total_BGRC = jnp.pad(total_BGRC, [(0, 0)] * 3 + [(1, 0)])
+  chunk_decay_BGRCS = jnp.exp(_segsum(total_BGRC))  # (C + 1) x (C + 1)
+  states_BCGRPQ = jnp.einsum("BGRCS,BSGRPQ->BCGRPQ", chunk_decay_BGRCS, states_BCGRPQ)
+  entering_BCGRPQ, final_BGRPQ = states_BCGRPQ[:, :-1], states_BCGRPQ[:, -1]
+
+  # 4. The entering state's contribution: y_t += exp(a_1 + ... + a_t) C_t h_entering.
+  from_start_BCGRT = jnp.exp(jnp.cumsum(a_BCGRT, axis=-1))
+  y_BCTGRP += jnp.einsum("BCTGQ,BCGRPQ,BCGRT->BCTGRP", Cm, entering_BCGRPQ, from_start_BCGRT)
+
+  y_BTNP = y_BCTGRP.reshape(Bsz, C * chunk, N, P)[:, :T]
+  return y_BTNP, final_BGRPQ.reshape(Bsz, N, P, Q)
+
+
+def ssd_step(
+    state_BNPQ: jax.Array, x_BNP: jax.Array, dt_BN: jax.Array, A_N: jax.Array, B_BGQ: jax.Array, C_BGQ: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """One recurrence step: (y [B, N, P] float32, the new state [B, N, P, Q] float32)."""
+  Bsz, N, P, Q = state_BNPQ.shape
+  G = B_BGQ.shape[1]
+  R = N // G
+  dt_BGR = dt_BN.astype(f32).reshape(Bsz, G, R)
+  decay_BGR = jnp.exp(dt_BGR * A_N.astype(f32).reshape(G, R))
+  xdt_BGRP = x_BNP.astype(f32).reshape(Bsz, G, R, P) * dt_BGR[..., None]
+  state = state_BNPQ.reshape(Bsz, G, R, P, Q) * decay_BGR[..., None, None]
+  state = state + jnp.einsum("BGRP,BGQ->BGRPQ", xdt_BGRP, B_BGQ.astype(f32))
+  y_BGRP = jnp.einsum("BGRPQ,BGQ->BGRP", state, C_BGQ.astype(f32))
+  return y_BGRP.reshape(Bsz, N, P), state.reshape(Bsz, N, P, Q)
