@@ -3,8 +3,9 @@
 import os
 from pathlib import Path
 
+from xlazoo.checkpoints import hybrid as _hybrid
 from xlazoo.checkpoints import transformer as _transformer
-from xlazoo.models import Model, transformer
+from xlazoo.models import Model, hybrid, transformer
 
 # Extra files copied along with the weights on convert and export.
 TOKENIZER_FILES = (
@@ -16,6 +17,8 @@ def table_for(config) -> list[tuple[str, str, str]]:
   """The family's HF name table for a config."""
   if isinstance(config, transformer.Config):
     return _transformer.table(config)
+  if isinstance(config, hybrid.Config):
+    return _hybrid.table(config)
   raise ValueError(f"no Hugging Face mapping for {type(config).__name__}")
 
 

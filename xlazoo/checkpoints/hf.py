@@ -106,12 +106,14 @@ class _Source:
 
 
 def to_ours(x: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
-  if kind in ("in", "out"):
+  if kind in ("in", "out", "conv"):
     return x.T.reshape(shape)
   return x.reshape(shape)
 
 
 def to_hf(y: np.ndarray, kind: str) -> np.ndarray:
+  if kind == "conv":  # ours [W, E] -> a depthwise Conv1d weight [E, 1, W]
+    return y.T[:, None, :]
   if kind == "in":
     return y.reshape(y.shape[0], -1).T
   if kind == "out":
@@ -124,6 +126,8 @@ def to_hf(y: np.ndarray, kind: str) -> np.ndarray:
 def hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
   """The shape that to_hf gives for our `shape`."""
   size = math.prod(shape)
+  if kind == "conv":
+    return (shape[1], 1, shape[0])
   if kind == "in":
     return (size // shape[0], shape[0])
   if kind == "out":
@@ -132,12 +136,16 @@ def hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
 
 
 def _expand(rows, num_layers: int) -> dict[str, tuple[str, int | None, str]]:
-  """{HF name: (our path, layer index or None, kind)} for every tensor the model needs."""
+  """{HF name: (our path, layer index or None, kind)} for every tensor the model needs.
+
+  A row is (pattern, path, kind), or (pattern, path, kind, layers) where `layers` lists the
+  (HF layer number, index in our stack) pairs that the row covers (default: layer i -> index i).
+  """
   out = {}
-  for pattern, path, kind in rows:
+  for pattern, path, kind, *layers in rows:
     if "{i}" in pattern:
-      for i in range(num_layers):
-        out[pattern.format(i=i)] = (path, i, kind)
+      for hf_i, i in layers[0] if layers else zip(range(num_layers), range(num_layers)):
+        out[pattern.format(i=hf_i)] = (path, i, kind)
     else:
       out[pattern] = (path, None, kind)
   return out

@@ -57,7 +57,9 @@ def prefill(model: Model, prompt_BT: jax.Array, lengths_B: jax.Array, key: jax.A
   config, family = model.config, model.family
   B = prompt_BT.shape[0]
   cache = family.init_cache(config, B, plan.cache_len, model.dtype)
-  logits_B1V, cache = family.forward(config, model.params, prompt_BT, cache=cache, logits_at=lengths_B - 1)
+  logits_B1V, cache = family.forward(
+      config, model.params, prompt_BT, cache=cache, logits_at=lengths_B - 1, lengths=lengths_B
+  )
   tok_B = plan.sampler(logits_B1V[:, 0], jax.random.fold_in(key, 0))
   tokens_BN = jnp.full((B, plan.max_new_tokens), plan.pad_id, jnp.int32).at[:, 0].set(tok_B)
   return State(cache, tokens_BN, tok_B, lengths_B, _stopped(tok_B, plan.stop_ids), jnp.int32(1), key)

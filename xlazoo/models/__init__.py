@@ -2,10 +2,12 @@
 
 from types import ModuleType
 
-from xlazoo.models import transformer
+from xlazoo.models import hybrid, transformer
 from xlazoo.models.params import Model
 
-_BY_MODEL_TYPE: dict[str, ModuleType] = {t: transformer for t in transformer.MODEL_TYPES}
+_BY_MODEL_TYPE: dict[str, ModuleType] = {t: transformer for t in transformer.MODEL_TYPES} | {
+    t: hybrid for t in hybrid.MODEL_TYPES
+}
 MODEL_TYPES = tuple(_BY_MODEL_TYPE)
 
 

@@ -81,6 +81,7 @@ class Config:
   attn_softcap: float | None = None
   final_softcap: float | None = None
   tie_word_embeddings: bool = False
+  rotary_dim: int = 0  # RoPE on the first rotary_dim dims of each head; 0 = all of them
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
@@ -94,6 +95,10 @@ class Config:
   @property
   def attn_scale(self) -> float:
     return self.query_scale or self.head_dim**-0.5
+
+  @property
+  def rope_dim(self) -> int:
+    return self.rotary_dim or self.head_dim
 
   @classmethod
   def from_hf(cls, d: dict) -> "Config":
@@ -317,7 +322,7 @@ def _layer_constants(c: Config):
   """Per-layer window (0 = none), RoPE inverse frequencies [L, H/2] and cos/sin scale [L]."""
   ropes = dict(c.ropes)
   window = np.array([c.sliding_window if t == "sliding_attention" else 0 for t in c.layer_types], np.int32)
-  inv_freq = np.stack([ropes[t].inv_freq(c.head_dim) for t in c.layer_types])
+  inv_freq = np.stack([ropes[t].inv_freq(c.rope_dim) for t in c.layer_types])
   scale = np.array([ropes[t].scale() for t in c.layer_types], np.float32)
   return window, inv_freq, scale
 
@@ -337,8 +342,13 @@ def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale
   elif c.qk_norm == "full":
     q_BTNH = _norm(c, q_BTNH.reshape(B, T, N * H), p["q_norm"]).reshape(B, T, N, H)
     k_BTKH = _norm(c, k_BTKH.reshape(B, T, K * H), p["k_norm"]).reshape(B, T, K, H)
-  q_BTNH = apply_rope(q_BTNH, pos_BT, inv_freq_H, rope_scale)
-  k_BTKH = apply_rope(k_BTKH, pos_BT, inv_freq_H, rope_scale)
+  if c.rope_dim == H:
+    q_BTNH = apply_rope(q_BTNH, pos_BT, inv_freq_H, rope_scale)
+    k_BTKH = apply_rope(k_BTKH, pos_BT, inv_freq_H, rope_scale)
+  else:  # partial rotary: the other dims pass through
+    r = c.rope_dim
+    q_BTNH = jnp.concatenate([apply_rope(q_BTNH[..., :r], pos_BT, inv_freq_H, rope_scale), q_BTNH[..., r:]], -1)
+    k_BTKH = jnp.concatenate([apply_rope(k_BTKH[..., :r], pos_BT, inv_freq_H, rope_scale), k_BTKH[..., r:]], -1)
   if cache is None:
     k_BSKH, v_BSKH, k_pos_BS = k_BTKH, v_BTKH, pos_BT
   else:
@@ -364,12 +374,15 @@ def forward(
     cache: KVCache | None = None,
     positions: jax.Array | None = None,
     logits_at: jax.Array | None = None,
+    lengths: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
   """Logits [B, T, V] (float32) for `tokens` [B, T] int32, and the updated cache.
 
   positions: [B, T] absolute positions (default 0..T-1). With a cache, token t of row b is written
   to slot positions[b, t] and attends to the slots at positions <= its own.
   logits_at: optional [B] index into T; then only those positions' logits are computed ([B, 1, V]).
+  lengths: [B] real tokens per right-padded row. Attention needs nothing from it (a row's padding
+  sits at later positions, which its causal mask hides); it is there for the recurrent families.
   """
   c = config
   B, T = tokens_BT.shape

@@ -16,6 +16,11 @@ AXES = (
     "head_dim",  # H
     "mlp",  # F
     "norm",  # the axis of a norm scale (D or H)
+    "ssm_in",  # a Mamba-2 in_proj's fused outputs [z | x B C | dt]: never sharded (it would cut across them)
+    "ssm_inner",  # mixer width I = N P (z, x, the gated norm, out_proj)
+    "ssm_conv",  # conv channels: x, B and C
+    "ssm_heads",  # SSM heads N
+    "conv_width",  # conv kernel W
 )
 
 
