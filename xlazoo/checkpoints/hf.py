@@ -139,22 +139,25 @@ def _expand(rows, num_layers: int) -> dict[str, tuple[str, int | None, str]]:
   """{HF name: (our path, layer index or None, kind)} for every tensor the model needs.
 
   A row is (pattern, path, kind), or (pattern, path, kind, layers) where `layers` lists the
-  (HF layer number, index in our stack) pairs that the row covers (default: layer i -> index i).
+  (HF layer number, index in our stack) pairs that the row covers (default: layer i -> index i);
+  an HF layer "number" may also be a dict of the pattern's fields ({"i": ..., "j": ...}).
   """
   out = {}
   for pattern, path, kind, *layers in rows:
     if "{i}" in pattern:
       for hf_i, i in layers[0] if layers else zip(range(num_layers), range(num_layers)):
-        out[pattern.format(i=hf_i)] = (path, i, kind)
+        out[pattern.format(**hf_i) if isinstance(hf_i, dict) else pattern.format(i=hf_i)] = (path, i, kind)
     else:
       out[pattern] = (path, None, kind)
   return out
 
 
-def hf_names(config) -> dict[str, tuple[str, int | None, str]]:
+def hf_names(config, tied: bool = False) -> dict[str, tuple[str, int | None, str]]:
+  """The tensors of the family's table (tied copies only, with tied=True)."""
   from xlazoo.checkpoints import table_for
 
-  return _expand(table_for(config), config.num_layers)
+  names = _expand(table_for(config), config.num_layers)
+  return {n: v for n, v in names.items() if (v[2] == "tied") == tied}
 
 
 # ----------------------------------------------------------------------------- load / export
@@ -191,7 +194,7 @@ def fill(config, sources, label: str, dtype, progress: bool | None = None) -> Mo
   """
   family = family_for(config.model_type)
   flat_shapes = {"/".join(k): v for k, v in traverse_util.flatten_dict(shapes(family.param_decls(config))).items()}
-  needed = hf_names(config)
+  needed, tied = hf_names(config), hf_names(config, tied=True)
   where, unexpected, mismatched = {}, [], []
   for src in sources:
     for name, shape in src.shapes.items():
@@ -201,7 +204,7 @@ def fill(config, sources, label: str, dtype, progress: bool | None = None) -> Mo
         if shape != want:
           mismatched.append(f"{name}: expected shape {want}, got {shape}")
         where[name] = src
-      elif not (_IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings)):
+      elif not (_IGNORED.match(name) or name in tied or (name == "lm_head.weight" and config.tie_word_embeddings)):
         unexpected.append(name)
   missing = [n for n in needed if n not in where]
   problems = []

@@ -81,7 +81,7 @@ class Config:
   attn_softcap: float | None = None
   final_softcap: float | None = None
   tie_word_embeddings: bool = False
-  rotary_dim: int = 0  # RoPE on the first rotary_dim dims of each head; 0 = all of them
+  rotary_dim: int | None = None  # RoPE on the first rotary_dim dims of each head; None = all, 0 = no RoPE
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
@@ -98,7 +98,7 @@ class Config:
 
   @property
   def rope_dim(self) -> int:
-    return self.rotary_dim or self.head_dim
+    return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
   @classmethod
   def from_hf(cls, d: dict) -> "Config":
@@ -331,12 +331,15 @@ def _norm(c: Config, x, p):
   return rms_norm(x, p["scale"], c.rms_norm_eps, c.norm_offset)
 
 
-def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale, cache, layer):
+def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale, cache, layer, qkv_delta=None):
+  """qkv_delta: optional (q [B,T,N,H], k, v [B,T,K,H]) added to the projections (Zamba2's adapters)."""
   B, T, _ = x_BTD.shape
   N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
   q_BTNH = linear(x_BTD, p["wq_DNH"], "BTD,DNH->BTNH", p.get("bq_NH"))
   k_BTKH = linear(x_BTD, p["wk_DKH"], "BTD,DKH->BTKH", p.get("bk_KH"))
   v_BTKH = linear(x_BTD, p["wv_DKH"], "BTD,DKH->BTKH", p.get("bv_KH"))
+  if qkv_delta is not None:
+    q_BTNH, k_BTKH, v_BTKH = (a + d.astype(a.dtype) for a, d in zip((q_BTNH, k_BTKH, v_BTKH), qkv_delta))
   if c.qk_norm == "head":
     q_BTNH, k_BTKH = _norm(c, q_BTNH, p["q_norm"]), _norm(c, k_BTKH, p["k_norm"])
   elif c.qk_norm == "full":
@@ -345,7 +348,7 @@ def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale
   if c.rope_dim == H:
     q_BTNH = apply_rope(q_BTNH, pos_BT, inv_freq_H, rope_scale)
     k_BTKH = apply_rope(k_BTKH, pos_BT, inv_freq_H, rope_scale)
-  else:  # partial rotary: the other dims pass through
+  elif c.rope_dim:  # partial rotary: the other dims pass through
     r = c.rope_dim
     q_BTNH = jnp.concatenate([apply_rope(q_BTNH[..., :r], pos_BT, inv_freq_H, rope_scale), q_BTNH[..., r:]], -1)
     k_BTKH = jnp.concatenate([apply_rope(k_BTKH[..., :r], pos_BT, inv_freq_H, rope_scale), k_BTKH[..., r:]], -1)

@@ -1,4 +1,4 @@
-"""Gated feed-forward block (SwiGLU / GeGLU).
+"""Feed-forward activations and the gated block (SwiGLU / GeGLU).
 
 Dimensions: B batch, T sequence, D model width, F MLP width.
 """
@@ -13,6 +13,7 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),  # Nemotron-H
 }
 
 
