@@ -45,8 +45,10 @@ def rel_err(out, ref) -> float:
 
 def hf_greedy(model, prompt: list[int], n: int) -> np.ndarray:
   """transformers' greedy continuation of one prompt, exactly n tokens (no EOS stop)."""
-  with torch.no_grad():
+  ids = torch.tensor([prompt])
+  with torch.no_grad():  # an explicit mask: else generate takes prompt tokens equal to pad_token_id for padding
     out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+        pad_token_id=0,
     )
   return out[0, len(prompt) :].numpy()

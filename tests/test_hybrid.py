@@ -72,7 +72,7 @@ LOGIT_CASES = [
     ("zamba2", {"layers_block_type": ["hybrid", "mamba"] * 3, "num_mem_blocks": 1, "use_shared_attention_adapter": False,
                 "use_mem_rope": False, "num_key_value_heads": 2, "add_bias_linear": True, "hidden_act": "silu",
                 "time_step_min": 0.05, "rms_norm_eps": 1e-3, "tie_word_embeddings": False}),
-    ("zamba2", {"layers_block_type": ["hybrid", "hybrid", "mamba", "hybrid"], "tie_word_embeddings": False,
+    ("zamba2", {"layers_block_type": ["hybrid", "hybrid", "mamba", "hybrid"], "num_hidden_layers": 4, "tie_word_embeddings": False,
                 "mamba_expand": 1, "n_mamba_heads": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 300.0}}),
 ]
 
@@ -86,8 +86,9 @@ def test_logits_match_transformers(tmp_path, model_type, overrides, T):
   assert rel_err(xlazoo.forward(model, tokens), hf_logits(ref, tokens)) < 1e-4
 
 
-GREEDY = [("mamba2", {}), ("mamba2", {"n_groups": 1, "chunk_size": 16}), ("bamba", {}),
-          ("bamba", {"attn_layer_indices": [0, 2]})]
+GREEDY = [("mamba2", {}), ("mamba2", {"n_groups": 1, "chunk_size": 16, "time_step_limit": (0.05, 1.5)}), ("bamba", {}),
+          ("bamba", {"attn_layer_indices": [0, 2]}), ("nemotron_h", {}), ("nemotron_h", {"hybrid_override_pattern": "-M*M"}),
+          ("falcon_h1", {"mamba_rms_norm": True}), ("zamba2", {}), ("zamba2", {"use_mem_rope": False, "num_mem_blocks": 1})]
 
 
 @pytest.mark.parametrize("model_type, overrides", GREEDY, ids=[f"{m}-{i}" for i, (m, _) in enumerate(GREEDY)])
@@ -103,9 +104,12 @@ def test_greedy_64_tokens_match_transformers(tmp_path, model_type, overrides):
     np.testing.assert_array_equal(got, want)
 
 
-def test_cached_steps_match_full_forward(tmp_path):
-  """Prefill a ragged batch, then step token by token: each step's logits equal a full forward."""
-  model = xlazoo.load(save(hf_ssm("bamba", noise=0.3), tmp_path / "hf"))
+@pytest.mark.parametrize("model_type", ["bamba", "nemotron_h", "falcon_h1", "zamba2"])
+def test_cached_steps_match_full_forward(tmp_path, model_type):
+  """Prefill a ragged batch, then step token by token: each step's logits equal a full forward
+  (with no dt lower limit, which transformers applies to multi-token passes only)."""
+  model = xlazoo.load(save(hf_ssm(model_type, noise=0.3), tmp_path / "hf"))
+  model = dataclasses.replace(model, config=dataclasses.replace(model.config, dt_min=0.0))
   rng = np.random.default_rng(2)
   seqs = rng.integers(0, 101, (2, 24))
   lengths = np.array([5, 13])
@@ -119,19 +123,25 @@ def test_cached_steps_match_full_forward(tmp_path):
     tok = seqs[np.arange(2), pos]
     logits, cache = model.family.forward(model.config, model.params, jnp.asarray(tok[:, None]), cache=cache,
                                          positions=jnp.asarray(pos[:, None]))
-    for b in range(2):
-      assert rel_err(logits[b, 0], full[b, pos[b]]) < 1e-5
+    for b in range(2):  # Zamba2 is ill-conditioned in float32 (HF's own logits are 2e-4 off a float64 reference)
+      assert rel_err(logits[b, 0], full[b, pos[b]]) < (1e-4 if model_type == "zamba2" else 1e-5)
 
 
 def test_decode_step_is_constant_in_the_position(tmp_path):
-  """One compiled decode step serves position 10 and position 10,000: the cache shapes do not
-  change, the step's cost analysis is position-free, and the SSM state is carried, not re-read."""
+  """One compiled decode step serves position 10 and position 10,000 with the cache shapes
+  unchanged; its compiled cost does not depend on how long the sequence may grow."""
   model = xlazoo.load(save(hf_ssm("mamba2"), tmp_path / "hf"))
-  plan = g.Plan(g.Sampler(0.0, 0, 1.0, 0.0), max_new_tokens=4, cache_len=32, stop_ids=(), pad_id=0)
   prompt, lengths, key = jnp.zeros((1, 16), jnp.int32), jnp.array([16]), jax.random.key(0)
-  state = g.prefill_jit(model, prompt, lengths, key, plan=plan)
+
+  def compiled(cache_len):
+    plan = g.Plan(g.Sampler(0.0, 0, 1.0, 0.0), max_new_tokens=4, cache_len=cache_len, stop_ids=(), pad_id=0)
+    state = g.prefill_jit(model, prompt, lengths, key, plan=plan)
+    return state, g.decode_jit.lower(model, state, jnp.int32(2), plan=plan).compile()
+
+  state, step = compiled(32)
+  cost = lambda s: {k: v for k, v in (s.cost_analysis() or {}).items() if k in ("flops", "bytes accessed")}  # noqa: E731
+  assert cost(step) and cost(step) == cost(compiled(1 << 16)[1])
   shapes = jax.tree.map(lambda a: (a.shape, a.dtype), state.cache)
-  step = g.decode_jit.lower(model, state, jnp.int32(2), plan=plan).compile()
   outs = []
   for pos in (10, 10_000):
     s = dataclasses.replace(state, pos_B=jnp.array([pos], jnp.int32), step=jnp.int32(1))
@@ -142,8 +152,14 @@ def test_decode_step_is_constant_in_the_position(tmp_path):
   np.testing.assert_array_equal(outs[0], outs[1])  # Mamba-2 has no positions: the same token
 
 
-def test_convert_export_roundtrip(tmp_path):
-  ref = hf_ssm("bamba", attn_layer_indices=[0, 3], mamba_proj_bias=True)
+ROUNDTRIP = [("mamba2", {}), ("bamba", {"attn_layer_indices": [0, 3], "mamba_proj_bias": True}), ("nemotron_h", {}),
+             ("falcon_h1", {"mamba_rms_norm": True}), ("zamba2", {}), ("zamba2", {"tie_word_embeddings": False})]
+
+
+@pytest.mark.parametrize("model_type, overrides", ROUNDTRIP, ids=[f"{m}-{i}" for i, (m, _) in enumerate(ROUNDTRIP)])
+def test_convert_export_roundtrip(tmp_path, model_type, overrides):
+  """HF -> xlazoo (Orbax) -> HF: transformers loads the export and computes the same logits."""
+  ref = hf_ssm(model_type, **overrides)
   src = save(ref, tmp_path / "hf")
   zoo = checkpoints.convert(src, tmp_path / "zoo")
   back = checkpoints.export(zoo, tmp_path / "back")
@@ -193,3 +209,17 @@ def test_missing_weight_is_an_error(tmp_path):
   save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
   with pytest.raises(ValueError, match=r"missing weights \(1\): model.layers.2.mamba.A_log"):
     xlazoo.load(path)
+
+
+@pytest.mark.parametrize("model_type", list(BASE))
+def test_cli_generate_from_hf_and_converted_dirs(capsys, tmp_path, model_type):
+  from tests.test_cli import expected_ids, run
+
+  src = save(hf_ssm(model_type, noise=0.3), tmp_path / "hf")
+  want = expected_ids(xlazoo.load(src), [5, 17, 3], 12)
+  code, _, err = run(capsys, "convert", src, tmp_path / "zoo")
+  assert code == 0, err
+  for model in (src, tmp_path / "zoo"):
+    code, out, err = run(capsys, "generate", "--model", model, "--prompt-ids", "5,17,3", "--max-new-tokens", 12)
+    assert code == 0, err
+    assert [int(t) for t in out.split()] == want
