@@ -31,6 +31,8 @@ FALCON_H1 = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidde
 ZAMBA2 = dict(vocab_size=101, hidden_size=32, num_hidden_layers=6, layers_block_type=["mamba", "hybrid", "mamba", "hybrid",
               "hybrid", "mamba"], num_attention_heads=4, n_mamba_heads=4, mamba_d_state=8, mamba_ngroups=2, chunk_size=8,
               intermediate_size=48, num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True)
+NEMOTRON_MOE = dict(hybrid_override_pattern="ME*E-", n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+                    moe_shared_expert_intermediate_size=40, n_group=2, topk_group=1)
 BASE = {"mamba2": ("Mamba2Config", MAMBA2), "bamba": ("BambaConfig", BAMBA), "nemotron_h": ("NemotronHConfig", NEMOTRON_H),
         "falcon_h1": ("FalconH1Config", FALCON_H1), "zamba2": ("Zamba2Config", ZAMBA2)}
 
@@ -44,6 +46,9 @@ def hf_ssm(model_type: str, seed: int = 0, noise: float = 0.1, **overrides):
   with torch.no_grad():
     for p in model.parameters():
       p.add_(torch.randn_like(p) * noise)
+    for name, b in model.named_buffers():  # Nemotron-H's router bias is a buffer (and in the checkpoint)
+      if name.endswith("e_score_correction_bias"):
+        b.add_(torch.randn_like(b) * 0.5)
   return model
 
 
@@ -62,6 +67,12 @@ LOGIT_CASES = [
     ("nemotron_h", {"hybrid_override_pattern": "*M-MM*-", "num_key_value_heads": 4, "head_dim": 16, "n_groups": 1,
                     "use_bias": True, "use_conv_bias": False, "mlp_bias": True, "layer_norm_epsilon": 1e-3,
                     "time_step_min": 0.05, "mlp_hidden_act": "silu"}),
+    ("nemotron_h", {"hybrid_override_pattern": "ME*E", "n_routed_experts": 8, "num_experts_per_tok": 3,
+                    "moe_intermediate_size": 24, "moe_shared_expert_intermediate_size": 40, "n_group": 4, "topk_group": 2,
+                    "routed_scaling_factor": 2.5}),
+    ("nemotron_h", {"hybrid_override_pattern": "E-M*", "n_routed_experts": 6, "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 24, "moe_shared_expert_intermediate_size": 16, "moe_latent_size": 12,
+                    "norm_topk_prob": False, "mlp_bias": True}),
     ("falcon_h1", {}),
     ("falcon_h1", {"mamba_rms_norm": True, "projectors_bias": True, "mamba_proj_bias": True, "attention_bias": True,
                    "mlp_bias": True, "num_hidden_layers": 3, "tie_word_embeddings": True}),
@@ -88,6 +99,7 @@ def test_logits_match_transformers(tmp_path, model_type, overrides, T):
 
 GREEDY = [("mamba2", {}), ("mamba2", {"n_groups": 1, "chunk_size": 16, "time_step_limit": (0.05, 1.5)}), ("bamba", {}),
           ("bamba", {"attn_layer_indices": [0, 2]}), ("nemotron_h", {}), ("nemotron_h", {"hybrid_override_pattern": "-M*M"}),
+          ("nemotron_h", NEMOTRON_MOE),
           ("falcon_h1", {"mamba_rms_norm": True}), ("zamba2", {}), ("zamba2", {"use_mem_rope": False, "num_mem_blocks": 1})]
 
 
@@ -152,7 +164,7 @@ def test_decode_step_is_constant_in_the_position(tmp_path):
   np.testing.assert_array_equal(outs[0], outs[1])  # Mamba-2 has no positions: the same token
 
 
-ROUNDTRIP = [("mamba2", {}), ("bamba", {"attn_layer_indices": [0, 3], "mamba_proj_bias": True}), ("nemotron_h", {}),
+ROUNDTRIP = [("mamba2", {}), ("bamba", {"attn_layer_indices": [0, 3], "mamba_proj_bias": True}), ("nemotron_h", NEMOTRON_MOE),
              ("falcon_h1", {"mamba_rms_norm": True}), ("zamba2", {}), ("zamba2", {"tie_word_embeddings": False})]
 
 
@@ -174,7 +186,7 @@ def test_convert_export_roundtrip(tmp_path, model_type, overrides):
     [
         ("mamba2", {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
         ("bamba", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_type='dynamic'"),
-        ("nemotron_h", {"hybrid_override_pattern": "M*E"}, "MoE layers .* not supported yet"),
+        ("nemotron_h", {"hybrid_override_pattern": "M*E", "n_routed_experts": 6, "n_group": 4}, "n_group=4 and topk_group=1"),
         ("nemotron_h", {"mamba_hidden_act": "relu"}, "mamba_hidden_act='relu' is not supported"),
         ("falcon_h1", {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
         ("zamba2", {"use_shared_attention_adapter": False, "num_key_value_heads": 2}, None),  # fine without adapters

@@ -140,7 +140,8 @@ def _expand(rows, num_layers: int) -> dict[str, tuple[str, int | None, str]]:
 
   A row is (pattern, path, kind), or (pattern, path, kind, layers) where `layers` lists the
   (HF layer number, index in our stack) pairs that the row covers (default: layer i -> index i);
-  an HF layer "number" may also be a dict of the pattern's fields ({"i": ..., "j": ...}).
+  an HF layer "number" may also be a dict of the pattern's fields ({"i": ..., "e": ...}), and an
+  index a tuple (layer, expert).
   """
   out = {}
   for pattern, path, kind, *layers in rows:
@@ -150,6 +151,11 @@ def _expand(rows, num_layers: int) -> dict[str, tuple[str, int | None, str]]:
     else:
       out[pattern] = (path, None, kind)
   return out
+
+
+def _depth(index) -> int:
+  """How many leading axes of a stacked parameter an _expand index selects."""
+  return 0 if index is None else len(index) if isinstance(index, tuple) else 1
 
 
 def hf_names(config, tied: bool = False) -> dict[str, tuple[str, int | None, str]]:
@@ -200,7 +206,7 @@ def fill(config, sources, label: str, dtype, progress: bool | None = None) -> Mo
     for name, shape in src.shapes.items():
       if name in needed:
         our_path, layer, kind = needed[name]
-        want = hf_shape(flat_shapes[our_path][1:] if layer is not None else flat_shapes[our_path], kind)
+        want = hf_shape(flat_shapes[our_path][_depth(layer):], kind)
         if shape != want:
           mismatched.append(f"{name}: expected shape {want}, got {shape}")
         where[name] = src
@@ -226,11 +232,8 @@ def fill(config, sources, label: str, dtype, progress: bool | None = None) -> Mo
   with files.progress(total, f"loading {Path(label).name}", show, unit="B") as bar:
     for name, (our_path, layer, kind) in needed.items():
       src = where[name]
-      x = to_ours(src.get(name), kind, buffers[our_path].shape[1:] if layer is not None else buffers[our_path].shape)
-      if layer is None:
-        buffers[our_path][...] = x
-      else:
-        buffers[our_path][layer] = x
+      buffers[our_path][layer if layer is not None else ...] = to_ours(
+          src.get(name), kind, buffers[our_path].shape[_depth(layer):])
       bar.update(src.nbytes[name])
   params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in buffers.items()})
   return Model(config=config, params=params)

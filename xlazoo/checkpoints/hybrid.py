@@ -79,13 +79,28 @@ def _bamba(c: Config) -> list[tuple]:  # layer i: sublayers 2i (mamba or attenti
   ]
 
 
+def _moe(hf: str, ours: str) -> list[tuple]:
+  return [
+      (f"{hf}.gate.weight", f"{ours}/router_DX", "in"),
+      (f"{hf}.gate.e_score_correction_bias", f"{ours}/router_bias_X", "flat"),
+      *_mlp(f"{hf}.shared_experts", f"{ours}/shared"),
+      (f"{hf}.fc1_latent_proj.weight", f"{ours}/latent_in_DL", "in"),
+      (f"{hf}.fc1_latent_proj.bias", f"{ours}/latent_in_b_L", "flat"),
+      (f"{hf}.fc2_latent_proj.weight", f"{ours}/latent_out_LD", "out"),
+      (f"{hf}.fc2_latent_proj.bias", f"{ours}/latent_out_b_D", "flat"),
+  ]
+
+
 def _nemotron_h(c: Config) -> list[tuple]:  # one sublayer per layer, each a "mixer"
   layer, kinds = "backbone.layers.{i}", c.sublayers
   return [
       ("backbone.embeddings.weight", "embed/table_VD", "same"),
       ("backbone.norm_f.weight", "final_norm/scale", "flat"),
-      *[r for kind, rows in (("mamba", _mixer), ("attn", _attention), ("mlp", _mlp))
+      *[r for kind, rows in (("mamba", _mixer), ("attn", _attention), ("mlp", _mlp), ("moe", _moe))
         for r in _layered([_norm(f"{layer}.norm", kind), *rows(f"{layer}.mixer", kind)], _index(kinds, kind))],
+      *_layered([(f"{layer}.mixer.experts.{{e}}.up_proj.weight", "moe/w_up_XDF", "in"),  # one tensor per expert
+                 (f"{layer}.mixer.experts.{{e}}.down_proj.weight", "moe/w_down_XFD", "out")],
+                [({"i": i, "e": e}, (j, e)) for i, j in _index(kinds, "moe") for e in range(c.moe.experts if c.moe else 0)]),
   ]
 
 

@@ -6,16 +6,17 @@ P SSM head dim, G groups, Q state size, W conv width, I mixer width (N P), E con
 (x, B and C: I + 2 G Q), Z in_proj outputs (z, x B C and dt: I + E + N), L layers of one kind;
 Zamba2's shared blocks: C their input width (2 D), J = 2 F (fused gate and up), R adapter rank.
 
-A model is a sequence of residual sublayers of five kinds:
+A model is a sequence of residual sublayers of six kinds:
   "mamba"   x += mixer(norm(x))                      the Mamba-2 mixer
   "attn"    x += attention(norm(x))                  the dense family's attention block
   "mlp"     x += mlp(norm(x))                        gated (Bamba, Falcon-H1) or relu² (Nemotron-H)
+  "moe"     x += experts(norm(x)) + shared expert    Nemotron-H: sigmoid-routed relu² experts
   "hybrid"  h = norm(x); x += mixer(h) + attention(h)             Falcon-H1: both in parallel
   "shared"  t = block(concat(x, e)); x += mixer(norm(x + t))      Zamba2: e the embeddings; the
             block (attention then MLP, no residuals inside, then a per-layer linear) is one of
             num_mem_blocks shared blocks, taken round robin, with per-layer LoRA adapters.
 Mamba-2 is mamba sublayers only; a Bamba layer is mamba or attn, then mlp; Nemotron-H spells its
-layers as a pattern string of M (mamba), * (attn) and - (mlp); a Falcon-H1 layer is hybrid, then
+layers as a pattern string of M (mamba), * (attn), - (mlp) and E (moe); a Falcon-H1 layer is hybrid, then
 mlp; Zamba2 layers are mamba or shared. Parameters of one kind are stacked on a leading axis; the
 sequence runs as a `lax.scan` over its repeating block of kinds (a pattern that does not repeat
 is one block, unrolled).
@@ -39,12 +40,13 @@ from xlazoo.models import transformer
 from xlazoo.models.params import Param, init_params
 from xlazoo.ops.conv import causal_conv, conv_state, conv_step
 from xlazoo.ops.mlp import ACTIVATIONS, linear
+from xlazoo.ops.moe import route_sigmoid, routed_mlp
 from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.rope import Rope
 from xlazoo.ops.ssd import ssd, ssd_step
 
 MODEL_TYPES = ("mamba2", "bamba", "nemotron_h", "falcon_h1", "zamba2")
-KINDS = ("mamba", "attn", "mlp", "hybrid", "shared")
+KINDS = ("mamba", "attn", "mlp", "moe", "hybrid", "shared")
 MIXES = ("mamba", "hybrid", "shared")  # kinds with a Mamba mixer (a conv and SSM state each)
 ATTENDS = ("attn", "hybrid", "shared")  # kinds with an attention (a KV cache each)
 NO_POSITION_LIMIT = 1 << 30  # no position embeddings: Mamba-2, Nemotron-H
@@ -63,6 +65,21 @@ class Multipliers:
   ssm: tuple[float, ...] = (1.0,) * 5  # the in_proj output slices z, x, B, C, dt
   mlp_gate: float = 1.0  # the gate projection, before the activation
   mlp_down: float = 1.0  # the MLP output
+
+
+@dataclasses.dataclass(frozen=True)
+class MoE:
+  """Nemotron-H's mixture of experts (relu² experts, a sigmoid router, one shared expert)."""
+
+  experts: int  # X
+  top_k: int
+  width: int  # each expert's
+  shared_width: int
+  latent: int | None = None  # experts run in a latent width, projected from and back to D
+  n_group: int = 1  # the choice keeps the topk_group best of n_group expert groups
+  topk_group: int = 1
+  norm_topk_prob: bool = True
+  scale: float = 1.0  # routed_scaling_factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +115,7 @@ class Config:
   tie_word_embeddings: bool = False
   max_position_embeddings: int = NO_POSITION_LIMIT
   attn: transformer.Config | None = None  # attention and MLP sublayers (their num_layers is unused)
+  moe: MoE | None = None
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
@@ -232,19 +250,17 @@ def _bamba(d, get) -> dict:
   )
 
 
-_NEMOTRON_KINDS = {"M": "mamba", "*": "attn", "-": "mlp", "linear_attention": "mamba", "mamba": "mamba",
-                   "full_attention": "attn", "attention": "attn", "mlp": "mlp"}
+_NEMOTRON_KINDS = {"M": "mamba", "*": "attn", "-": "mlp", "E": "moe", "linear_attention": "mamba", "mamba": "mamba",
+                   "full_attention": "attn", "attention": "attn", "mlp": "mlp", "moe": "moe"}
 
 
 def _nemotron_h(d, get) -> dict:
   types = get("layers_block_type") or get("layer_types") or list(get("hybrid_override_pattern", ""))
   if not types:
     raise ValueError("config has no layer pattern: expected layers_block_type or hybrid_override_pattern")
-  if "moe" in types or "E" in types:
-    raise ValueError("config has MoE layers (E / moe in the layer pattern): Nemotron-H MoE layers are not supported yet")
   bad = sorted(set(types) - set(_NEMOTRON_KINDS))
   if bad:
-    raise ValueError(f"config layer pattern has unknown layer kinds {bad} (supported: M, *, - or {sorted(_NEMOTRON_KINDS)[3:]})")
+    raise ValueError(f"config layer pattern has unknown layer kinds {bad} (supported: M, *, -, E or {sorted(_NEMOTRON_KINDS)[4:]})")
   _check_act("mamba_hidden_act", get("mamba_hidden_act", "silu"))
   eps, N = float(get("layer_norm_epsilon", 1e-5)), int(get("num_attention_heads", 32))
   attn = _attention(
@@ -253,12 +269,28 @@ def _nemotron_h(d, get) -> dict:
       rope=Rope(theta=10000.0), rotary_dim=0,  # no position encoding at all
       mlp_bias=bool(get("mlp_bias", False)), rms_norm_eps=eps,
   )
+  moe = None
+  if any(_NEMOTRON_KINDS[t] == "moe" for t in types):
+    X = int(get("n_routed_experts", get("num_local_experts", 8)))
+    moe = MoE(
+        experts=X, top_k=int(get("num_experts_per_tok", 2)), width=int(get("moe_intermediate_size", 7688)),
+        shared_width=int(get("moe_shared_expert_intermediate_size", 7688)), latent=get("moe_latent_size"),
+        n_group=int(get("n_group", 1)), topk_group=int(get("topk_group", 1)), norm_topk_prob=bool(get("norm_topk_prob", True)),
+        scale=float(get("routed_scaling_factor", 1.0)),
+    )
+    if X % moe.n_group or X // moe.n_group < 2 or not 0 < moe.topk_group <= moe.n_group:
+      raise ValueError(
+          f"config fields n_group={moe.n_group} and topk_group={moe.topk_group} do not fit {X} experts: n_group must divide "
+          "n_routed_experts into groups of at least 2, and 0 < topk_group <= n_group"
+      )
+    if not 0 < moe.top_k <= X:
+      raise ValueError(f"config field num_experts_per_tok={moe.top_k} must be between 1 and n_routed_experts={X}")
   return dict(
       sublayers=tuple(_NEMOTRON_KINDS[t] for t in types), num_heads=int(get("mamba_num_heads", 128)),
       head_dim=int(get("mamba_head_dim", 64)), n_groups=int(get("n_groups", 8)), state_size=int(get("ssm_state_size", 128)),
       conv_width=int(get("conv_kernel", 4)), chunk_size=int(get("chunk_size", 128)), in_bias=bool(get("use_bias", False)),
       out_bias=bool(get("use_bias", False)), conv_bias=bool(get("use_conv_bias", True)), norm_eps=eps, gate_norm_eps=eps,
-      dt_min=float(get("time_step_min", 1e-3)), mlp_gated=False, attn=attn,
+      dt_min=float(get("time_step_min", 1e-3)), mlp_gated=False, attn=attn, moe=moe,
       tie_word_embeddings=False,  # transformers never ties Nemotron-H's head, whatever the config says
   )
 
@@ -382,6 +414,25 @@ def _mlp_decls(c: Config) -> dict:
   return mlp
 
 
+def _moe_decls(c: Config) -> dict:
+  m, D = c.moe, c.hidden_size
+  X, F, S, Din = m.experts, m.width, m.shared_width, m.latent or c.hidden_size
+  p = {
+      "router_DX": Param((D, X), ("embed", "experts")),
+      "router_bias_X": Param((X,), ("experts",), "zeros"),
+      "w_up_XDF": Param((X, Din, F), ("experts", "embed", "mlp")),
+      "w_down_XFD": Param((X, F, Din), ("experts", "mlp", "embed")),
+      "shared": {"w_up_DF": Param((D, S), ("embed", "mlp")), "w_down_FD": Param((S, D), ("mlp", "embed"))},
+  }
+  if m.latent:
+    p |= {"latent_in_DL": Param((D, Din), ("embed", None)), "latent_out_LD": Param((Din, D), (None, "embed"))}
+  if c.attn.mlp_bias:
+    p["shared"] |= {"b_up_F": Param((S,), ("mlp",), "zeros"), "b_down_D": Param((D,), ("embed",), "zeros")}
+    if m.latent:
+      p |= {"latent_in_b_L": Param((Din,), (None,), "zeros"), "latent_out_b_D": Param((D,), ("embed",), "zeros")}
+  return p
+
+
 def _shared_decls(c: Config) -> tuple[dict, dict]:
   """Zamba2: one shared block (attention over C = 2 D inputs, output D; fused gate/up MLP), and
   each shared sublayer's own parameters (adapters, the linear after the block, its mixer)."""
@@ -407,6 +458,7 @@ def param_decls(c: Config) -> dict:
       "mamba": lambda: _mixer_decls(c) | {"norm": _norm_decl(D)},
       "attn": lambda: _dense(c)["attn"] | {"norm": _norm_decl(D)},
       "mlp": lambda: _mlp_decls(c) | {"norm": _norm_decl(D)},
+      "moe": lambda: _moe_decls(c) | {"norm": _norm_decl(D)},
       "hybrid": lambda: {"norm": _norm_decl(D), "mamba": _mixer_decls(c), "attn": _dense(c)["attn"]},
       "shared": lambda: _shared_decls(c)[1],
   }
@@ -525,6 +577,20 @@ def _mlp(c: Config, p: dict, h_BTD, lora_BTJ=None):
   return out_BTD * jnp.asarray(m.mlp_down, out_BTD.dtype) if m.mlp_down != 1.0 else out_BTD
 
 
+def _moe(c: Config, p: dict, h_BTD):
+  """Routed experts (in the latent width, if any) plus the shared expert."""
+  m, (B, T, D) = c.moe, h_BTD.shape
+  x_MD = h_BTD.reshape(B * T, D)
+  experts_MK, weights_MK = route_sigmoid(x_MD, p["router_DX"], p["router_bias_X"], k=m.top_k, n_group=m.n_group,
+                                         topk_group=m.topk_group, norm=m.norm_topk_prob, scale=m.scale)
+  if m.latent:
+    x_MD = linear(x_MD, p["latent_in_DL"], "MD,DL->ML", p.get("latent_in_b_L"))
+  y_MD = routed_mlp(x_MD, experts_MK, weights_MK, p["w_up_XDF"], p["w_down_XFD"], c.attn.act)
+  if m.latent:
+    y_MD = linear(y_MD, p["latent_out_LD"], "ML,LD->MD", p.get("latent_out_b_D"))
+  return y_MD.reshape(B, T, D) + _mlp(c, p["shared"], h_BTD)
+
+
 def _attend(c: Config, p: dict, h_BTD, pos_BT, rope, cache: Cache | None, slot, qkv_delta=None):
   """The dense family's attention block on the cache's KV slot `slot`."""
   inv_freq_H, rope_scale = rope
@@ -617,6 +683,8 @@ def forward(
           out_BTD, cache = _attend(c, p, h_BTD, pos_BT, rope, cache, at)
         elif kind == "mlp":
           out_BTD = _mlp(c, p, h_BTD)
+        elif kind == "moe":
+          out_BTD = _moe(c, p, h_BTD)
         else:  # hybrid: mixer and attention side by side
           mix_BTD, cache = _mamba(c, p["mamba"], h_BTD, cache, ms, lengths)
           a_BTD, cache = _attend(c, p["attn"], h_BTD * jnp.asarray(m.attn_in, h_BTD.dtype), pos_BT, rope, cache, at)

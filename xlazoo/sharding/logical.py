@@ -21,6 +21,7 @@ AXES = (
     "ssm_conv",  # conv channels: x, B and C
     "ssm_heads",  # SSM heads N
     "conv_width",  # conv kernel W
+    "experts",  # routed experts X
 )
 
 
