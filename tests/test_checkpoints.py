@@ -302,7 +302,7 @@ def test_rewritten_checkpoint_loads(llama_dir, llama_copy):
         (dict(model_type="bert"), ["model_type", "bert"]),
         (dict(rope_parameters=None, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), ["rope_type", "dynamic"]),
         (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), ["rope_type", "dynamic"]),
-        (dict(hidden_act="relu2"), ["hidden_act", "relu2"]),
+        (dict(hidden_act="quick_gelu"), ["hidden_act", "quick_gelu"]),
         (dict(quantization_config={"quant_method": "fp8"}), ["quantization_config", "not supported"]),
         (dict(layer_types=["full_attention"] * 2), ["layer_types", "num_hidden_layers"]),
     ],

@@ -120,23 +120,26 @@ def test_greedy_64_tokens_match_transformers(tmp_path, model_type, overrides):
 def test_cached_steps_match_full_forward(tmp_path, model_type):
   """Prefill a ragged batch, then step token by token: each step's logits equal a full forward
   (with no dt lower limit, which transformers applies to multi-token passes only)."""
-  model = xlazoo.load(save(hf_ssm(model_type, noise=0.3), tmp_path / "hf"))
+  # Zamba2 is ill-conditioned in float32 at larger weights: HF's own logits are 2e-4 off a float64
+  # reference there (in float64 the step and the full forward agree to 1e-13).
+  model = xlazoo.load(save(hf_ssm(model_type, noise=0.1 if model_type == "zamba2" else 0.3), tmp_path / "hf"))
   model = dataclasses.replace(model, config=dataclasses.replace(model.config, dt_min=0.0))
   rng = np.random.default_rng(2)
   seqs = rng.integers(0, 101, (2, 24))
   lengths = np.array([5, 13])
   prompt = np.where(np.arange(16) < lengths[:, None], seqs[:, :16], 0)
+  forward = jax.jit(model.family.forward, static_argnums=0)
   cache = model.family.init_cache(model.config, 2, 40, model.dtype)
-  _, cache = model.family.forward(model.config, model.params, jnp.asarray(prompt), cache=cache,
-                                  logits_at=jnp.asarray(lengths - 1), lengths=jnp.asarray(lengths))
+  _, cache = forward(model.config, model.params, jnp.asarray(prompt), cache=cache, logits_at=jnp.asarray(lengths - 1),
+                     lengths=jnp.asarray(lengths))
   full = np.asarray(xlazoo.forward(model, seqs))  # causal: position p sees tokens 0..p only
   for step in range(8):
     pos = lengths + step
     tok = seqs[np.arange(2), pos]
-    logits, cache = model.family.forward(model.config, model.params, jnp.asarray(tok[:, None]), cache=cache,
-                                         positions=jnp.asarray(pos[:, None]))
-    for b in range(2):  # Zamba2 is ill-conditioned in float32 (HF's own logits are 2e-4 off a float64 reference)
-      assert rel_err(logits[b, 0], full[b, pos[b]]) < (1e-4 if model_type == "zamba2" else 1e-5)
+    logits, cache = forward(model.config, model.params, jnp.asarray(tok[:, None]), cache=cache,
+                            positions=jnp.asarray(pos[:, None]))
+    for b in range(2):
+      assert rel_err(logits[b, 0], full[b, pos[b]]) < 1e-5
 
 
 def test_decode_step_is_constant_in_the_position(tmp_path):
