@@ -204,14 +204,26 @@ def test_unsupported_config_is_an_error(tmp_path, model_type, overrides, message
     xlazoo.load(path)
 
 
-def test_zamba2_adapters_need_full_kv_heads(tmp_path):
-  """transformers cannot build this model (its k/v adapters are 2 D wide), so it is a config error."""
+@pytest.mark.parametrize(
+    "model_type, edits, message",
+    [
+        ("mamba2", {"num_heads": 6}, r"num_heads \* head_dim \(6 \* 8\) must equal expand \* hidden_size \(64\)"),
+        ("bamba", {"mamba_n_groups": 3}, "n_groups=3 must divide the 8 SSM heads"),
+        ("falcon_h1", {"ssm_multipliers": [1.0, 2.0]}, "ssm_multipliers has 2 values; it needs 5"),
+        ("nemotron_h", {"layers_block_type": ["mamba", "cross_attention"]}, r"unknown layer kinds \['cross_attention'\]"),
+        ("zamba2", {"layers_block_type": None}, "layers_block_type is missing"),
+        # transformers cannot build this one (its k and v adapters are 2 D wide)
+        ("zamba2", {"use_shared_attention_adapter": True, "num_key_value_heads": 2},
+         "num_key_value_heads=2 and use_shared_attention_adapter=true do not go together"),
+    ],
+)
+def test_bad_config_json_is_an_error(tmp_path, model_type, edits, message):
   import json
 
-  path = save(hf_ssm("zamba2", use_shared_attention_adapter=False, num_key_value_heads=2), tmp_path / "hf")
-  cfg = json.loads((tmp_path / "hf" / "config.json").read_text()) | {"use_shared_attention_adapter": True}
+  path = save(hf_ssm(model_type), tmp_path / "hf")
+  cfg = json.loads((tmp_path / "hf" / "config.json").read_text()) | edits
   (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(ValueError, match="num_key_value_heads=2 and use_shared_attention_adapter=true"):
+  with pytest.raises(ValueError, match=message):
     xlazoo.load(path)
 
 

@@ -180,9 +180,17 @@ def _check_act(field: str, act: str):
     raise ValueError(f"config field {field}={act!r} is not supported: the Mamba-2 conv activation is silu")
 
 
-def _check_width(prefix: str, heads: int, head_dim: int, width: int, what: str):
+def _check_width(fields: str, heads: int, head_dim: int, width: int, what: str):
   if heads * head_dim != width:
-    raise ValueError(f"config fields {prefix}num_heads * head_dim ({heads} * {head_dim}) must equal {what} ({width})")
+    raise ValueError(f"config fields {fields} ({heads} * {head_dim}) must equal {what} ({width})")
+
+
+def _mamba_heads(get, width: int, what: str) -> tuple[int, int]:
+  """Bamba's and Falcon-H1's mamba_n_heads and mamba_d_head ("auto": width / heads)."""
+  heads, head_dim = int(get("mamba_n_heads", 128)), get("mamba_d_head", "auto")
+  head_dim = width // heads if head_dim == "auto" else int(head_dim)
+  _check_width("mamba_n_heads * mamba_d_head", heads, head_dim, width, what)
+  return heads, head_dim
 
 
 def _limits(get) -> dict:
@@ -220,7 +228,7 @@ def _mamba2(d, get) -> dict:
       chunk_size=int(get("chunk_size", 256)), in_bias=bool(get("use_bias", False)), out_bias=bool(get("use_bias", False)),
       conv_bias=bool(get("use_conv_bias", True)), norm_eps=float(get("layer_norm_epsilon", 1e-5)), **_limits(get),
   )
-  _check_width("", f["num_heads"], f["head_dim"], int(float(get("expand", 2)) * D), "expand * hidden_size")
+  _check_width("num_heads * head_dim", f["num_heads"], f["head_dim"], int(float(get("expand", 2)) * D), "expand * hidden_size")
   return f | {"gate_norm_eps": f["norm_eps"]}
 
 
@@ -228,10 +236,7 @@ def _bamba(d, get) -> dict:
   D, L = int(d["hidden_size"]), int(d["num_hidden_layers"])
   _check_act("hidden_act", get("hidden_act", "silu"))  # Bamba's conv and MLP share hidden_act
   attn_layers = set(get("attn_layer_indices", []))
-  heads, width = int(get("mamba_n_heads", 128)), int(float(get("mamba_expand", 2)) * D)
-  head_dim = get("mamba_d_head", "auto")
-  head_dim = width // heads if head_dim == "auto" else int(head_dim)
-  _check_width("mamba_n_", heads, head_dim, width, "mamba_expand * hidden_size")
+  heads, head_dim = _mamba_heads(get, int(float(get("mamba_expand", 2)) * D), "mamba_expand * hidden_size")
   N = int(d["num_attention_heads"])
   H, eps, max_pos = int(get("head_dim", D // N)), float(get("rms_norm_eps", 1e-5)), int(get("max_position_embeddings", 262144))
   attn = _attention(
@@ -300,10 +305,7 @@ def _falcon_h1(d, get) -> dict:
   _check_act("hidden_act", get("hidden_act", "silu"))  # Falcon-H1's conv and MLP share hidden_act
   width = d.get("mamba_d_ssm", 1024)  # null: mamba_expand * hidden_size
   width = int(float(get("mamba_expand", 2)) * D) if width is None else int(width)
-  heads = int(get("mamba_n_heads", 128))
-  head_dim = get("mamba_d_head", "auto")
-  head_dim = width // heads if head_dim == "auto" else int(head_dim)
-  _check_width("mamba_n_", heads, head_dim, width, "mamba_d_ssm")
+  heads, head_dim = _mamba_heads(get, width, "mamba_d_ssm")
   N = int(d["num_attention_heads"])
   H, eps, max_pos = int(get("head_dim", D // N)), float(get("rms_norm_eps", 1e-5)), int(get("max_position_embeddings", 8192))
   attn = _attention(
@@ -340,7 +342,7 @@ def _zamba2(d, get) -> dict:
     raise ValueError("config field layers_block_type is missing: Zamba2 needs its list of mamba / hybrid layers")
   heads, width = int(get("n_mamba_heads", 8)), int(float(get("mamba_expand", 2)) * D)
   head_dim = int(get("mamba_headdim", width // heads))
-  _check_width("n_mamba_", heads, head_dim, width, "mamba_expand * hidden_size")
+  _check_width("n_mamba_heads * mamba_headdim", heads, head_dim, width, "mamba_expand * hidden_size")
   N = int(d["num_attention_heads"])
   H, eps = 2 * D // N, float(get("rms_norm_eps", 1e-5))  # the shared blocks attend over concat(x, embeddings)
   max_pos, adapters, bias = int(get("max_position_embeddings", 4096)), bool(get("use_shared_attention_adapter", False)), bool(
