@@ -227,6 +227,18 @@ def test_bad_config_json_is_an_error(tmp_path, model_type, edits, message):
     xlazoo.load(path)
 
 
+def test_multi_token_prediction_weights_are_ignored(tmp_path):
+  """Nemotron-H checkpoints may carry an MTP head (mtp.*) that neither transformers nor xlazoo builds."""
+  from safetensors.torch import load_file, save_file
+
+  ref = hf_ssm("nemotron_h")
+  path = save(ref, tmp_path / "hf")
+  weights = load_file(f"{path}/model.safetensors")
+  save_file(weights | {"mtp.layers.0.norm.weight": torch.ones(32)}, f"{path}/model.safetensors", metadata={"format": "pt"})
+  tokens = np.random.default_rng(0).integers(0, 101, (2, 7))
+  assert rel_err(xlazoo.forward(xlazoo.load(path), tokens), hf_logits(ref, tokens)) < 1e-4
+
+
 def test_missing_weight_is_an_error(tmp_path):
   from safetensors.torch import load_file, save_file
 

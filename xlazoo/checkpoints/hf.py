@@ -29,8 +29,9 @@ _ST_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-# Non-parameter buffers that some checkpoints carry.
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+# Non-parameter buffers that some checkpoints carry, and Nemotron-H's multi-token-prediction head
+# (which transformers does not build either).
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$|mtp\.")
 PROGRESS_BYTES = 256 << 20  # show a progress bar above this checkpoint size
 
 
@@ -135,7 +136,7 @@ def hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
   return (size,) if kind == "flat" else tuple(shape)
 
 
-def _expand(rows, num_layers: int) -> dict[str, tuple[str, int | None, str]]:
+def _expand(rows, num_layers: int) -> dict[str, tuple[str, int | tuple[int, int] | None, str]]:
   """{HF name: (our path, layer index or None, kind)} for every tensor the model needs.
 
   A row is (pattern, path, kind), or (pattern, path, kind, layers) where `layers` lists the
@@ -158,7 +159,7 @@ def _depth(index) -> int:
   return 0 if index is None else len(index) if isinstance(index, tuple) else 1
 
 
-def hf_names(config, tied: bool = False) -> dict[str, tuple[str, int | None, str]]:
+def hf_names(config, tied: bool = False) -> dict[str, tuple[str, int | tuple[int, int] | None, str]]:
   """The tensors of the family's table (tied copies only, with tied=True)."""
   from xlazoo.checkpoints import table_for
 
