@@ -1,9 +1,15 @@
 """Compiles ops.ssd at Mamba-2 2.7B layer shapes and summarises the optimised HLO: the entry
 computation's top-level ops (fusions, library matmuls) with their output sizes, and the compiled
 memory analysis (peak temporaries)."""
-import re, sys, json
-import jax, jax.numpy as jnp
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+
 from xlazoo.ops.ssd import ssd
+
 
 def summarise(T, chunk, B=1, N=80, P=64, G=1, Q=128, dtype=jnp.bfloat16):
   args = (jax.ShapeDtypeStruct((B, T, N, P), dtype), jax.ShapeDtypeStruct((B, T, N), jnp.float32),

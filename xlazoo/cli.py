@@ -1,4 +1,4 @@
-"""The `xlazoo` command: generate, chat, convert, export."""
+"""The `xlazoo` command: generate, chat, convert, export, bench."""
 
 import argparse
 import sys
@@ -188,6 +188,30 @@ def cmd_export(args) -> int:
   return 0
 
 
+def cmd_bench(args) -> int:
+  import xlazoo
+  from xlazoo import bench
+
+  if args.model in bench.SHAPES:
+    hf = dict(bench.SHAPES[args.model])
+    if args.layers:
+      hf["num_hidden_layers"] = args.layers
+    model = bench.random_model(hf, args.dtype or "bfloat16")
+  elif args.layers:
+    raise ValueError(f"--layers applies to the named shapes ({', '.join(bench.SHAPES)}), not to a checkpoint")
+  else:
+    model = xlazoo.load(args.model, args.dtype)
+  for n, flag in ((args.batch, "--batch"), (args.prompt_len, "--prompt-len"), (args.new_tokens, "--new-tokens"), (args.iters, "--iters")):
+    if n < 1 or (flag == "--new-tokens" and n < 2):
+      raise ValueError(f"{flag} must be at least {2 if flag == '--new-tokens' else 1}, got {n}")
+  rows, _ = bench.run(model, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, iters=args.iters)
+  import jax
+
+  print(f"{args.model} ({model.dtype}) on {jax.devices()[0].device_kind}, {args.iters} timed runs, medians")
+  print(bench.table(rows, bench.ceilings(iters=args.iters)))
+  return 0
+
+
 def _model_flags(p):
   p.add_argument(
       "--model", help="checkpoint: a Hugging Face or xlazoo directory, or a .gguf file (default: SmolLM2-135M-Instruct, "
@@ -239,6 +263,22 @@ def parser() -> argparse.ArgumentParser:
   exp.add_argument("out", help="new output directory (must not exist or be empty)")
   exp.add_argument("--dtype", help="parameter dtype to write (default: the stored one)")
   exp.set_defaults(run=cmd_export)
+
+  from xlazoo.bench import SHAPES
+
+  bench = sub.add_parser(
+      "bench", help="time prefill and decode of a checkpoint or a named shape",
+      description="Time the compiled prefill and decode loop (as `generate` runs them) on random prompts, and print "
+      "time, tokens/s, TFLOP/s and TB/s beside the matmul and copy ceilings measured on this device.",
+  )
+  bench.add_argument("--model", required=True, help=f"checkpoint directory or .gguf file, or a named shape with random weights: {', '.join(SHAPES)}")
+  bench.add_argument("--dtype", help="parameter dtype (default: the checkpoint's; bfloat16 for named shapes)")
+  bench.add_argument("--batch", type=int, default=1, help="prompts per batch (default 1)")
+  bench.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per row (default 512)")
+  bench.add_argument("--new-tokens", type=int, default=128, help="tokens to generate per row (default 128)")
+  bench.add_argument("--iters", type=int, default=5, help="timed runs of each phase; the median is shown (default 5)")
+  bench.add_argument("--layers", type=int, help="named shapes only: use this many layers (a quick, smaller run)")
+  bench.set_defaults(run=cmd_bench)
   return p
 
 

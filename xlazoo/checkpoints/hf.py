@@ -255,13 +255,13 @@ def save_safetensors(tensors: dict[str, np.ndarray], f: Path) -> None:
       fh.write(np.ascontiguousarray(x).tobytes())
 
 
-def hf_tensors(model: Model) -> dict[str, np.ndarray]:
-  """The model's parameters as Hugging Face names and layouts (on the host)."""
+def hf_tensors(model: Model, on_device: bool = False) -> dict[str, np.ndarray | jax.Array]:
+  """The model's parameters as Hugging Face names and layouts: numpy arrays on the host, or jax arrays left on the device."""
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(model.params).items()}
   tensors = {}
   for name, (our_path, layer, kind) in hf_names(model.config).items():
-    y = np.asarray(jax.device_get(flat[our_path] if layer is None else flat[our_path][layer]))
-    tensors[name] = np.ascontiguousarray(to_hf(y, kind))
+    y = flat[our_path] if layer is None else flat[our_path][layer]
+    tensors[name] = to_hf(y, kind) if on_device else np.ascontiguousarray(to_hf(np.asarray(jax.device_get(y)), kind))
   return tensors
 
 

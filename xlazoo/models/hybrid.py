@@ -644,7 +644,7 @@ def forward(
   """
   c, m = config, config.mults
   B, T = tokens_BT.shape
-  pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None else positions
+  pos_BT = positions  # None: 0..T-1
   table_VD = params["embed"]["table_VD"]
   x_BTD = jnp.take(table_VD, tokens_BT, axis=0)
   if m.embed != 1.0:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import struct
 
 from xlazoo.models.params import Param, init_params
-from xlazoo.ops.attention import attention
+from xlazoo.ops.attention import attention, causal_attention, decode_attention
 from xlazoo.ops.mlp import ACTIVATIONS, gated_mlp, linear
 from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.rope import ROPE_TYPES, Rope, apply_rope
@@ -332,8 +332,12 @@ def _norm(c: Config, x, p):
 
 
 def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale, cache, layer, qkv_delta=None):
-  """qkv_delta: optional (q [B,T,N,H], k, v [B,T,K,H]) added to the projections (Zamba2's adapters)."""
+  """pos_BT: the tokens' positions, or None for 0..T-1 (a forward or prefill from the start).
+  qkv_delta: optional (q [B,T,N,H], k, v [B,T,K,H]) added to the projections (Zamba2's adapters)."""
   B, T, _ = x_BTD.shape
+  fresh = pos_BT is None
+  if fresh:
+    pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
   q_BTNH = linear(x_BTD, p["wq_DNH"], "BTD,DNH->BTNH", p.get("bq_NH"))
   k_BTKH = linear(x_BTD, p["wk_DKH"], "BTD,DKH->BTKH", p.get("bk_KH"))
@@ -352,20 +356,22 @@ def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale
     r = c.rope_dim
     q_BTNH = jnp.concatenate([apply_rope(q_BTNH[..., :r], pos_BT, inv_freq_H, rope_scale), q_BTNH[..., r:]], -1)
     k_BTKH = jnp.concatenate([apply_rope(k_BTKH[..., :r], pos_BT, inv_freq_H, rope_scale), k_BTKH[..., r:]], -1)
-  if cache is None:
-    k_BSKH, v_BSKH, k_pos_BS = k_BTKH, v_BTKH, pos_BT
-  else:
-    # Write this layer's new entries in place (a scatter into the carried cache), then read the layer.
+  if cache is not None:  # write this layer's new entries in place (a scatter into the carried cache)
     b_B1 = jnp.arange(B)[:, None]
     cache = KVCache(
         cache.k_LBSKH.at[layer, b_B1, pos_BT].set(k_BTKH.astype(cache.k_LBSKH.dtype), mode="drop"),
         cache.v_LBSKH.at[layer, b_B1, pos_BT].set(v_BTKH.astype(cache.v_LBSKH.dtype), mode="drop"),
     )
-    k_BSKH, v_BSKH = cache.k_LBSKH[layer], cache.v_LBSKH[layer]
+  kw = dict(scale=c.attn_scale, window=window, softcap=c.attn_softcap)
+  if fresh:  # tokens at 0..T-1: the cache holds nothing else they can see
+    o_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, **kw)
+  elif cache is None:
+    o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, **kw)
+  elif T == 1:  # a decode step: each row reads its cache up to its own position
+    o_BTNH = decode_attention(q_BTNH[:, 0], cache.k_LBSKH[layer], cache.v_LBSKH[layer], pos_BT[:, 0] + 1, **kw)[:, None]
+  else:
     k_pos_BS = jnp.broadcast_to(jnp.arange(cache.max_len), (B, cache.max_len))
-  o_BTNH = attention(
-      q_BTNH, k_BSKH, v_BSKH, pos_BT, k_pos_BS, scale=c.attn_scale, window=window, softcap=c.attn_softcap
-  )
+    o_BTNH = attention(q_BTNH, cache.k_LBSKH[layer], cache.v_LBSKH[layer], pos_BT, k_pos_BS, **kw)
   return linear(o_BTNH, p["wo_NHD"], "BTNH,NHD->BTD", p.get("bo_D")), cache
 
 
@@ -388,19 +394,19 @@ def forward(
   sits at later positions, which its causal mask hides); it is there for the recurrent families.
   """
   c = config
-  B, T = tokens_BT.shape
-  pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None else positions
   table_VD = params["embed"]["table_VD"]
   x_BTD = jnp.take(table_VD, tokens_BT, axis=0)
   if c.embed_scale:
     x_BTD = x_BTD * jnp.asarray(c.hidden_size**0.5, x_BTD.dtype)  # rounded to the dtype, as the reference does
   window_L, inv_freq_LH, scale_L = _layer_constants(c)
+  same_window = int(window_L[0]) if np.all(window_L == window_L[0]) else None  # static: kernels can specialise
 
   def body(carry, xs):
     x_BTD, cache = carry
     p, window, inv_freq_H, rope_scale, layer = xs
+    window = window if same_window is None else same_window
     h_BTD = _norm(c, x_BTD, p["attn_norm"]) if c.pre_norms else x_BTD
-    a_BTD, cache = _attention_block(c, p["attn"], h_BTD, pos_BT, window, inv_freq_H, rope_scale, cache, layer)
+    a_BTD, cache = _attention_block(c, p["attn"], h_BTD, positions, window, inv_freq_H, rope_scale, cache, layer)
     if c.post_norms:
       a_BTD = _norm(c, a_BTD, p["attn_post_norm"])
     x_BTD = x_BTD + a_BTD

@@ -3,9 +3,12 @@
 Dimensions: B batch, T query length, S key length, N query heads, K kv heads, G = N / K query
 heads per kv head, H head dim.
 
-This is the pure-jnp reference: einsums and a float32 softmax that XLA fuses. Keys carry their
-absolute positions, so the same function serves a full forward (keys = queries) and a step over
-a fixed-size cache (keys = every cache slot; slots past a row's position are masked by causality).
+`attention` is the pure-jnp reference: einsums and a float32 softmax that XLA fuses. Keys carry
+their absolute positions, so it serves any query/key layout. The two hot cases have their own
+entry points, which dispatch on backend and shape to a faster implementation, with the reference
+as the fallback:
+- `causal_attention`: the tokens at positions 0..T-1 attending to each other (a forward, a prefill);
+- `decode_attention`: one new token per row over a fixed-size cache, row b's keys at slots < lengths[b].
 """
 
 import jax
@@ -36,3 +39,31 @@ def attention(
   p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)  # float32
   o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32)
   return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def _cudnn_ok(q_BTNH: jax.Array, window, softcap) -> bool:
+  """cuDNN's fused attention (through jax.nn.dot_product_attention) computes the same function."""
+  return (
+      jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and softcap is None
+      and isinstance(window, int) and q_BTNH.shape[-1] % 8 == 0 and q_BTNH.shape[-1] <= 128
+  )
+
+
+def causal_attention(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: jax.Array | int = 0, softcap: float | None = None):
+  """Attention among the tokens at positions 0..T-1 (queries, keys and values of the same tokens)."""
+  if _cudnn_ok(q_BTNH, window, softcap):
+    local = (window - 1, 0) if window > 0 else None
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True, local_window_size=local, implementation="cudnn"
+    )
+  B, T = q_BTNH.shape[:2]
+  pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  return attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, scale=scale, window=window, softcap=softcap)
+
+
+def decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, scale: float, window: jax.Array | int = 0, softcap: float | None = None):
+  """One query per row, at position lengths[b] - 1, over the cache slots [0, lengths[b]) of its row."""
+  S = k_BSKH.shape[1]
+  k_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (q_BNH.shape[0], S))
+  o_B1NH = attention(q_BNH[:, None], k_BSKH, v_BSKH, (lengths_B - 1)[:, None], k_pos_BS, scale=scale, window=window, softcap=softcap)
+  return o_B1NH[:, 0]
