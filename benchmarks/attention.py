@@ -41,8 +41,8 @@ def jax_variants(window, softcap):
 
     out["tokamax mosaic"] = lambda q, k, v: tokamax.dot_product_attention(
         q, k, v, scale=H**-0.5, is_causal=True, local_window_size=local, logits_soft_cap=softcap, implementation="mosaic")
-  except ImportError:
-    pass
+  except Exception as e:  # not installed, or not importable with this JAX
+    print(f"tokamax: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
   return out
 
 

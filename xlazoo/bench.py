@@ -97,7 +97,7 @@ def decode_bytes(counts: Counts, cache, lengths_B: np.ndarray) -> float:
   if kv is not None:
     kv_bytes = sum(2 * L * K * H for L, _, K, H in counts.attn) * int(np.sum(lengths_B)) * kv.k_LBSKH.dtype.itemsize
   states = [getattr(cache, f, None) for f in ("conv_LBWE", "ssm_LBNPQ")]
-  return counts.weight_bytes + kv_bytes + sum(2 * a.nbytes for a in states if a is not None)
+  return counts.weight_bytes + kv_bytes + sum(2 * math.prod(a.shape) * a.dtype.itemsize for a in states if a is not None)
 
 
 def decode_flops(counts: Counts, lengths_B: np.ndarray) -> float:
