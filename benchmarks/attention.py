@@ -121,7 +121,8 @@ def decode_table(rows_B: int, S: int, iters: int):
   v = jax.random.normal(kv, (rows_B, S, K, H), jnp.bfloat16)
   lengths = jnp.asarray(np.random.default_rng(0).integers(1, S + 1, rows_B), jnp.int32)
   with jax.default_matmul_precision("highest"):
-    ref = A.decode_attention(*(x.astype(jnp.float32) for x in (q, k, v)), lengths, scale=H**-0.5)
+    f32 = jax.jit(lambda q, k, v, n: A.decode_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), n, scale=H**-0.5))
+    ref = f32(q, k, v, lengths)
   need = float(jnp.sum(lengths)) * K * H * 2 * 2  # k and v, bf16, each row up to its length
   out = []
   for name, f in {

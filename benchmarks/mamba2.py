@@ -105,8 +105,13 @@ def main():
   for name in args.peers.split(","):
     if not name:
       continue
-    check, tp, td = runs[name](model, prompt, args.new_tokens, args.iters)
-    free_torch()
+    try:
+      check, tp, td = runs[name](model, prompt, args.new_tokens, args.iters)
+    except Exception as e:  # a peer that cannot run here says why; the table goes on
+      print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      continue
+    finally:
+      free_torch()
     print(f"{name}: last-position logits vs xlazoo, relative error {rel_err(check, ours):.2e} (bfloat16; T={CHECK_LEN})")
     if tp is None:
       print(f"{name}: prefill of {args.prompt_len} tokens ran out of GPU memory")

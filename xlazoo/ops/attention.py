@@ -14,6 +14,8 @@ as the fallback:
 import jax
 import jax.numpy as jnp
 
+QUERY_BLOCK = 1024  # the reference's query block on long sequences (causal_attention)
+
 
 def attention(
     q_BTNH: jax.Array,
@@ -56,9 +58,19 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: jax.Array 
     return jax.nn.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True, local_window_size=local, implementation="cudnn"
     )
-  B, T = q_BTNH.shape[:2]
+  B, T, N, H = q_BTNH.shape
   pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  return attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, scale=scale, window=window, softcap=softcap)
+  kw = dict(scale=scale, window=window, softcap=softcap)
+  if T <= 2 * QUERY_BLOCK:
+    return attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, **kw)
+  # Long sequences: query blocks in turn, so the scores in memory are [.., QUERY_BLOCK, T], not [.., T, T];
+  # the backward recomputes each block's scores rather than keeping them all.
+  C = -(-T // QUERY_BLOCK)
+  q_CBQNH = jnp.pad(q_BTNH, ((0, 0), (0, C * QUERY_BLOCK - T), (0, 0), (0, 0))).reshape(B, C, QUERY_BLOCK, N, H).swapaxes(0, 1)
+  pos_CBQ = jnp.broadcast_to(jnp.arange(C * QUERY_BLOCK, dtype=jnp.int32).reshape(C, 1, QUERY_BLOCK), (C, B, QUERY_BLOCK))
+  block = jax.checkpoint(lambda a: attention(a[0], k_BTKH, v_BTKH, a[1], pos_BT, **kw))
+  o_CBQNH = jax.lax.map(block, (q_CBQNH, pos_CBQ))
+  return o_CBQNH.swapaxes(0, 1).reshape(B, C * QUERY_BLOCK, N, H)[:, :T]
 
 
 def decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, scale: float, window: jax.Array | int = 0, softcap: float | None = None):
