@@ -32,7 +32,7 @@ def peer_mamba2_jax(model, prompt, new_tokens, iters):
   cfg = Mamba2Config(
       vocab_size=c.vocab_size, hidden_size=c.hidden_size, state_size=c.state_size, head_dim=c.head_dim,
       chunk_size=c.chunk_size, expand=c.inner // c.hidden_size, conv_kernel=c.conv_width,
-      num_hidden_layers=c.count("mamba"), layer_norm_epsilon=c.rms_norm_eps, tie_word_embeddings=True,
+      num_hidden_layers=c.count("mamba"), layer_norm_epsilon=c.norm_eps, tie_word_embeddings=True,
   )
   peer = Mamba2ForCausalLM(cfg, rngs=nnx.Rngs(0))
   sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf_tensors(model, on_device=True).items()}
