@@ -30,7 +30,7 @@ SHAPES = {
     "llama3-8b": {
         "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+        "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
         "bos_token_id": 128000, "eos_token_id": 128001,
     },
     "mamba2-2.7b": {
