@@ -226,12 +226,12 @@ def test_top_level_help(capsys):
   code, out, _ = run(capsys, "--help")
   assert code == 0
   _, subs = _subparsers()
-  assert set(subs) == {"generate", "chat", "convert", "export"}
+  assert set(subs) == {"generate", "chat", "convert", "export", "bench"}
   for name in subs:
     assert name in out
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "convert", "export"])
+@pytest.mark.parametrize("command", ["generate", "chat", "convert", "export", "bench"])
 def test_subcommand_help_lists_every_flag(capsys, monkeypatch, command):
   monkeypatch.setenv("COLUMNS", "200")
   code, out, _ = run(capsys, command, "--help")
