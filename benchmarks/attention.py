@@ -5,7 +5,7 @@ tokamax's Mosaic kernel and plain XLA, on the same inputs, each checked against 
 - Gemma-2 style: the same with a sliding window of 4096 and logit soft-cap 50 (cuDNN has no soft-cap);
 - decode: one query per row over a --cache slot cache, --rows rows of random lengths; bytes = the KV the rows need.
 
-  python benchmarks/attention.py
+  python -m benchmarks.attention
 """
 
 import argparse

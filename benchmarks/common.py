@@ -77,3 +77,11 @@ def free_torch() -> None:
 
   gc.collect()
   torch.cuda.empty_cache()
+
+
+def shape_flags(ap, layers: int, new_tokens: int) -> None:
+  """The flags every model script takes."""
+  ap.add_argument("--prompt-len", type=int, default=8192, help="prefill length (default 8192)")
+  ap.add_argument("--new-tokens", type=int, default=new_tokens, help=f"decode steps timed (default {new_tokens})")
+  ap.add_argument("--iters", type=int, default=5, help="timed runs per measurement; medians (default 5)")
+  ap.add_argument("--layers", type=int, help=f"fewer layers than the {layers} of the shape, for a quick run")

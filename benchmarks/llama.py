@@ -5,8 +5,8 @@ after a --decode-prompt-len prompt, at batch 1 and at --big-batch (xlazoo only).
 same random weights (ours, handed over under Hugging Face names), and the last position's logits of
 a check prompt are compared before timing.
 
-  python benchmarks/llama.py                       # the full shape (H100: about 5 minutes)
-  python benchmarks/llama.py --layers 4 --prompt-len 2048
+  python -m benchmarks.llama                       # the full shape (H100: about 5 minutes)
+  python -m benchmarks.llama --layers 4 --prompt-len 2048
 """
 
 import argparse
@@ -16,7 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import xlazoo
-from benchmarks.common import free_torch, header, peer_weights, rel_err, torch_time
+from benchmarks.common import (
+  free_torch,
+  header,
+  peer_weights,
+  rel_err,
+  shape_flags,
+  torch_time,
+)
 from xlazoo import bench
 
 CHECK_LEN = 512
@@ -48,18 +55,13 @@ def peer_transformers(model, prompt, decode_len, new_tokens, iters):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--prompt-len", type=int, default=8192, help="prefill length (default 8192)")
+  shape_flags(ap, layers=32, new_tokens=128)
   ap.add_argument("--decode-prompt-len", type=int, default=512, help="prompt before the timed decode steps (default 512)")
-  ap.add_argument("--new-tokens", type=int, default=128, help="decode steps timed (default 128)")
   ap.add_argument("--big-batch", type=int, default=64, help="batch of the throughput decode run (default 64; 0 = skip)")
-  ap.add_argument("--iters", type=int, default=5, help="timed runs per measurement; medians (default 5)")
-  ap.add_argument("--layers", type=int, help="fewer layers than the 32 of the shape, for a quick run")
   ap.add_argument("--no-peer", action="store_true", help="time xlazoo only")
   args = ap.parse_args()
 
-  hf = dict(bench.SHAPES["llama3-8b"])
-  if args.layers:
-    hf["num_hidden_layers"] = args.layers
+  hf = bench.shape("llama3-8b", args.layers)
   model = bench.random_model(hf)
   print(header())
   ceil = bench.ceilings()

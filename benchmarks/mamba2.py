@@ -4,8 +4,8 @@ Prefill: a random prompt of --prompt-len tokens. Decode: per-token time over --n
 prompt. Every model gets the same random weights (ours, handed over under Hugging Face names), and
 the last position's logits of a check prompt are compared before timing.
 
-  python benchmarks/mamba2.py                      # the full shape (H100: about 4 minutes)
-  python benchmarks/mamba2.py --layers 8 --prompt-len 2048
+  python -m benchmarks.mamba2                      # the full shape (H100: about 4 minutes)
+  python -m benchmarks.mamba2 --layers 8 --prompt-len 2048
 """
 
 import argparse
@@ -17,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import xlazoo
-from benchmarks.common import free_torch, header, peer_weights, rel_err, torch_time
+from benchmarks.common import (
+  free_torch,
+  header,
+  peer_weights,
+  rel_err,
+  shape_flags,
+  torch_time,
+)
 from xlazoo import bench
 from xlazoo.checkpoints.hf import hf_tensors
 
@@ -83,16 +90,11 @@ def peer_transformers(model, prompt, new_tokens, iters):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--prompt-len", type=int, default=8192, help="prefill length (default 8192)")
-  ap.add_argument("--new-tokens", type=int, default=64, help="decode steps timed (default 64)")
-  ap.add_argument("--iters", type=int, default=5, help="timed runs per measurement; medians (default 5)")
-  ap.add_argument("--layers", type=int, help="fewer layers than the 64 of the shape, for a quick run")
+  shape_flags(ap, layers=64, new_tokens=64)
   ap.add_argument("--peers", default="mamba2-jax,transformers", help="comma-separated peers to run (default both)")
   args = ap.parse_args()
 
-  hf = dict(bench.SHAPES["mamba2-2.7b"])
-  if args.layers:
-    hf["num_hidden_layers"] = args.layers
+  hf = bench.shape("mamba2-2.7b", args.layers)
   model = bench.random_model(hf)
   print(header("mamba2-jax", "flax"))
   ceil = bench.ceilings()

@@ -42,6 +42,14 @@ SHAPES = {
 }
 
 
+def shape(name: str, layers: int | None = None) -> dict:
+  """The config of a named shape, optionally with fewer layers (a quick run)."""
+  hf = dict(SHAPES[name])
+  if layers:
+    hf["num_hidden_layers"] = layers
+  return hf
+
+
 def random_model(hf_config: dict, dtype=jnp.bfloat16, seed: int = 0) -> Model:
   """A model of the config's shape with random weights made on the device (no host copy)."""
   config = config_from_hf(hf_config)

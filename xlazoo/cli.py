@@ -193,10 +193,7 @@ def cmd_bench(args) -> int:
   from xlazoo import bench
 
   if args.model in bench.SHAPES:
-    hf = dict(bench.SHAPES[args.model])
-    if args.layers:
-      hf["num_hidden_layers"] = args.layers
-    model = bench.random_model(hf, args.dtype or "bfloat16")
+    model = bench.random_model(bench.shape(args.model, args.layers), args.dtype or "bfloat16")
   elif args.layers:
     raise ValueError(f"--layers applies to the named shapes ({', '.join(bench.SHAPES)}), not to a checkpoint")
   else:
