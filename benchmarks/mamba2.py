@@ -49,7 +49,7 @@ def peer_mamba2_jax(model, prompt, new_tokens, iters):
   check = fwd(peer, prompt[:, :CHECK_LEN])["logits"][:, -1]
   t_prefill = bench.median_time(lambda: fwd(peer, prompt)["logits"], warmup=1, iters=iters)
 
-  def decode(_=None):
+  def decode():
     out = fwd(peer, prompt[:, :16])
     cache, tok = out["cache"], jnp.argmax(out["logits"][:, -1:], -1)
     t = time.perf_counter()

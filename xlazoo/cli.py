@@ -189,21 +189,21 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
+  import jax
+
   import xlazoo
   from xlazoo import bench
 
+  for n, flag in ((args.batch, "--batch"), (args.prompt_len, "--prompt-len"), (args.new_tokens, "--new-tokens"), (args.iters, "--iters")):
+    if n < 1 or (flag == "--new-tokens" and n < 2):
+      raise ValueError(f"{flag} must be at least {2 if flag == '--new-tokens' else 1}, got {n}")
   if args.model in bench.SHAPES:
     model = bench.random_model(bench.shape(args.model, args.layers), args.dtype or "bfloat16")
   elif args.layers:
     raise ValueError(f"--layers applies to the named shapes ({', '.join(bench.SHAPES)}), not to a checkpoint")
   else:
     model = xlazoo.load(args.model, args.dtype)
-  for n, flag in ((args.batch, "--batch"), (args.prompt_len, "--prompt-len"), (args.new_tokens, "--new-tokens"), (args.iters, "--iters")):
-    if n < 1 or (flag == "--new-tokens" and n < 2):
-      raise ValueError(f"{flag} must be at least {2 if flag == '--new-tokens' else 1}, got {n}")
   rows, _ = bench.run(model, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, iters=args.iters)
-  import jax
-
   print(f"{args.model} ({model.dtype}) on {jax.devices()[0].device_kind}, {args.iters} timed runs, medians")
   print(bench.table(rows, bench.ceilings(iters=args.iters)))
   return 0
