@@ -56,6 +56,18 @@ def test_steps_equal_scan():
   assert rel(np.stack(ys, 1), np.asarray(y_scan)) < 1e-5 and rel(h, np.asarray(h_scan)) < 1e-5
 
 
+def test_bfloat16_inputs_use_bfloat16_matmuls_with_float32_state():
+  """bf16 x, B, C: the matmuls take bf16 operands; decays and states stay float32, so the error is bf16 rounding."""
+  import jax.numpy as jnp
+  x, dt, A, B, C, h0 = inputs(70, N=8, P=16, G=2, Q=16)
+  bf = lambda v: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float64)  # noqa: E731
+  y_ref, h_ref = naive(bf(x), dt, A, bf(B), bf(C), h0)
+  y, h = ssd(jnp.asarray(x, jnp.bfloat16), np.float32(dt), np.float32(A), jnp.asarray(B, jnp.bfloat16),
+             jnp.asarray(C, jnp.bfloat16), chunk=16, state_BNPQ=np.float32(h0))
+  assert y.dtype == jnp.float32 and h.dtype == jnp.float32
+  assert rel(y, y_ref) < 2e-2 and rel(h, h_ref) < 2e-2
+
+
 def test_chunk_size_does_not_change_the_result():
   args = [np.float32(v) for v in inputs(48)]
   y1, h1 = ssd(*args[:5], chunk=48, state_BNPQ=args[5])

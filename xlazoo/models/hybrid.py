@@ -37,7 +37,7 @@ import numpy as np
 from flax import struct
 
 from xlazoo.models import transformer
-from xlazoo.models.params import Param, init_params
+from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.conv import causal_conv, conv_state, conv_step
 from xlazoo.ops.mlp import ACTIVATIONS, linear
 from xlazoo.ops.moe import route_sigmoid, routed_mlp
@@ -659,6 +659,8 @@ def forward(
   mixes, attends = sum(per_block[k] for k in MIXES), sum(per_block[k] for k in ATTENDS)
   # Each kind's stack [n, ...] -> [reps, n / reps, ...]: the scan walks the blocks.
   xs = {k: jax.tree.map(lambda a: a.reshape(reps, per_block[k], *a.shape[1:]), params[k]) for k in KINDS if per_block[k]}
+  # A decode step reads the weights from their stacks in place (see LayerWeight); elsewhere the scan slices them.
+  decode = cache is not None and T == 1
 
   def body(carry, xs_rep):
     x_BTD, cache = carry
@@ -668,12 +670,15 @@ def forward(
     for kind in block:
       j = seen[kind]
       seen[kind] += 1
-      p = jax.tree.map(lambda a: a[j], p_block[kind])  # noqa: B023
+      if decode:
+        p = layer_params(params[kind], rep * per_block[kind] + j, in_place=True)
+      else:
+        p = jax.tree.map(lambda a: a[j], p_block[kind])  # noqa: B023
       ms, at = rep * mixes + mix, rep * attends + att
       mix, att = mix + (kind in MIXES), att + (kind in ATTENDS)
       if kind == "shared":
         s = rep * per_block["shared"] + j
-        blk = jax.tree.map(lambda a: a[s % c.shared_blocks], params["blocks"])  # noqa: B023
+        blk = layer_params(params["blocks"], s % c.shared_blocks, in_place=decode)
         t_BTD, cache = _shared(c, blk, p, x_BTD, e_BTD, pos_BT, rope, cache, at)
         h_BTD = rms_norm(x_BTD + t_BTD, p["mamba"]["norm"]["scale"], c.norm_eps)
         out_BTD, cache = _mamba(c, p["mamba"], h_BTD, cache, ms, lengths)
@@ -694,7 +699,7 @@ def forward(
       x_BTD = x_BTD + out_BTD
     return (x_BTD, cache), None
 
-  (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), (xs, jnp.arange(reps)))
+  (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), ({} if decode else xs, jnp.arange(reps)))
   if logits_at is not None:
     x_BTD = jnp.take_along_axis(x_BTD, logits_at[:, None, None], axis=1)
   x_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], c.norm_eps)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from xlazoo.ops.mlp import LayerWeight
+
 
 @dataclasses.dataclass(frozen=True)
 class Param:
@@ -68,3 +70,18 @@ class Model:
   def dtype(self):
     return jax.tree.leaves(self.params)[0].dtype
 
+
+
+def _in_place(key: str) -> bool:
+  """Matrices that `linear` reads (w..._<dims>), not the experts' stacks (..._X..), which the MoE op reads."""
+  return key.startswith("w") and "X" not in key.rsplit("_", 1)[-1]
+
+
+def layer_params(tree: dict, i: jax.Array, *, in_place: bool = False) -> dict:
+  """Layer i of a tree of [L, ...] stacks. in_place (decode): `linear`'s matrices stay in their stacks as
+  LayerWeight, which a kernel reads where they lie; everything else is sliced out."""
+  def one(path, a):
+    if in_place and _in_place(getattr(path[-1], "key", "")):
+      return LayerWeight(a, i)
+    return a[i]
+  return jax.tree_util.tree_map_with_path(one, tree)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from xlazoo.models.params import Param, init_params
+from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.attention import attention, causal_attention, decode_attention
 from xlazoo.ops.mlp import ACTIVATIONS, gated_mlp, linear
 from xlazoo.ops.norms import rms_norm
@@ -368,7 +368,7 @@ def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale
   elif cache is None:
     o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, **kw)
   elif T == 1:  # a decode step: each row reads its cache up to its own position
-    o_BTNH = decode_attention(q_BTNH[:, 0], cache.k_LBSKH[layer], cache.v_LBSKH[layer], pos_BT[:, 0] + 1, **kw)[:, None]
+    o_BTNH = decode_attention(q_BTNH[:, 0], cache.k_LBSKH, cache.v_LBSKH, pos_BT[:, 0] + 1, layer=layer, **kw)[:, None]
   else:
     k_pos_BS = jnp.broadcast_to(jnp.arange(cache.max_len), (B, cache.max_len))
     o_BTNH = attention(q_BTNH, cache.k_LBSKH[layer], cache.v_LBSKH[layer], pos_BT, k_pos_BS, **kw)
@@ -401,9 +401,14 @@ def forward(
   window_L, inv_freq_LH, scale_L = _layer_constants(c)
   same_window = int(window_L[0]) if np.all(window_L == window_L[0]) else None  # static: kernels can specialise
 
+  # A decode step reads the weights from their stacks in place (see LayerWeight); elsewhere the scan slices them.
+  decode = cache is not None and tokens_BT.shape[1] == 1
+
   def body(carry, xs):
     x_BTD, cache = carry
     p, window, inv_freq_H, rope_scale, layer = xs
+    if decode:
+      p = layer_params(params["layers"], layer, in_place=True)
     window = window if same_window is None else same_window
     h_BTD = _norm(c, x_BTD, p["attn_norm"]) if c.pre_norms else x_BTD
     a_BTD, cache = _attention_block(c, p["attn"], h_BTD, positions, window, inv_freq_H, rope_scale, cache, layer)
@@ -417,7 +422,7 @@ def forward(
       m_BTD = _norm(c, m_BTD, p["mlp_post_norm"])
     return (x_BTD + m_BTD, cache), None
 
-  xs = (params["layers"], window_L, inv_freq_LH, scale_L, jnp.arange(c.num_layers))
+  xs = (None if decode else params["layers"], window_L, inv_freq_LH, scale_L, jnp.arange(c.num_layers))
   (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), xs)
   if logits_at is not None:
     x_BTD = jnp.take_along_axis(x_BTD, logits_at[:, None, None], axis=1)

@@ -5,14 +5,16 @@ heads per kv head, H head dim.
 
 `attention` is the pure-jnp reference: einsums and a float32 softmax that XLA fuses. Keys carry
 their absolute positions, so it serves any query/key layout. The two hot cases have their own
-entry points, which dispatch on backend and shape to a faster implementation, with the reference
-as the fallback:
+entry points, which dispatch on backend and shape to a Pallas kernel (ops/pallas: Mosaic GPU on
+Hopper, Mosaic TPU on TPU) or cuDNN, with the reference as the fallback:
 - `causal_attention`: the tokens at positions 0..T-1 attending to each other (a forward, a prefill);
 - `decode_attention`: one new token per row over a fixed-size cache, row b's keys at slots < lengths[b].
 """
 
 import jax
 import jax.numpy as jnp
+
+from xlazoo.ops.pallas import attention_tpu, decode_gpu
 
 QUERY_BLOCK = 1024  # the reference's query block on long sequences (causal_attention)
 
@@ -53,6 +55,8 @@ def _cudnn_ok(q_BTNH: jax.Array, window, softcap) -> bool:
 
 def causal_attention(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: jax.Array | int = 0, softcap: float | None = None):
   """Attention among the tokens at positions 0..T-1 (queries, keys and values of the same tokens)."""
+  if attention_tpu.supported(q_BTNH, k_BTKH, window=window, softcap=softcap):
+    return attention_tpu.flash_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, window=window, softcap=softcap)
   if _cudnn_ok(q_BTNH, window, softcap):
     local = (window - 1, 0) if window > 0 else None
     return jax.nn.dot_product_attention(
@@ -73,8 +77,17 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: jax.Array 
   return o_CBQNH.swapaxes(0, 1).reshape(B, C * QUERY_BLOCK, N, H)[:, :T]
 
 
-def decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, scale: float, window: jax.Array | int = 0, softcap: float | None = None):
-  """One query per row, at position lengths[b] - 1, over the cache slots [0, lengths[b]) of its row."""
+def decode_attention(q_BNH, k, v, lengths_B, *, scale: float, window: jax.Array | int = 0, softcap: float | None = None, layer=None):
+  """One query per row, at position lengths[b] - 1, over the cache slots [0, lengths[b]) of its row.
+
+  k and v are [B, S, K, H], or a stacked cache [L, B, S, K, H] with `layer` naming the layer: the
+  kernel then reads that layer in place (slicing it out first would copy it each step).
+  """
+  if decode_gpu.supported(q_BNH, k, window=window, softcap=softcap):
+    return decode_gpu.decode_attention(q_BNH, k, v, lengths_B, scale=scale, window=window, softcap=softcap, layer=layer)
+  k_BSKH, v_BSKH = (k, v) if layer is None else (k[layer], v[layer])
+  if attention_tpu.supported(q_BNH, k_BSKH, window=window, softcap=softcap):
+    return attention_tpu.decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, scale=scale, window=window, softcap=softcap)
   S = k_BSKH.shape[1]
   k_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (q_BNH.shape[0], S))
   o_B1NH = attention(q_BNH[:, None], k_BSKH, v_BSKH, (lengths_B - 1)[:, None], k_pos_BS, scale=scale, window=window, softcap=softcap)

@@ -8,7 +8,8 @@ Per head n, with a scalar decay a_t = exp(dt_t A_n) < 1 and a state h of shape [
 The chunked form (Dao & Gu 2024, "Transformers are SSMs", section 6) computes, per chunk of length
 T, the quadratic attention-like part inside the chunk, each chunk's contribution to the state at
 its end, a short recurrence over the chunk states, and the states' contribution to the outputs.
-All of it is einsums; decays, their cumulative sums and the states are float32. A step with
+All of it is einsums; decays, their cumulative sums and the states are float32, and the matmuls take
+their operands in the inputs' dtype (bfloat16 runs on the tensor cores) with float32 accumulation. A step with
 dt = 0 leaves the state unchanged (that is how padding is kept out of it).
 
 Groups: heads n = g R + r share B and C of group g. B and C stay [.., G, Q] and are broadcast in
@@ -53,21 +54,23 @@ def ssd(
     widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
     x_BTNP, dt_BTN, B_BTGQ, C_BTGQ = (jnp.pad(x, widths(x)) for x in (x_BTNP, dt_BTN, B_BTGQ, C_BTGQ))
   C = (T + pad) // chunk
+  mm = x_BTNP.dtype  # the matmuls' operand dtype (float32 accumulation); decays and states stay float32
   x = x_BTNP.astype(f32).reshape(Bsz, C, chunk, G, R, P)
   dt = dt_BTN.astype(f32).reshape(Bsz, C, chunk, G, R)
-  Bm = B_BTGQ.astype(f32).reshape(Bsz, C, chunk, G, Q)
-  Cm = C_BTGQ.astype(f32).reshape(Bsz, C, chunk, G, Q)
+  Bm = B_BTGQ.astype(mm).reshape(Bsz, C, chunk, G, Q)
+  Cm = C_BTGQ.astype(mm).reshape(Bsz, C, chunk, G, Q)
   a_BCGRT = jnp.moveaxis(dt * A_N.astype(f32).reshape(G, R), 2, -1)  # log-decay of each step
   xdt_BCSGRP = x * dt[..., None]
+  dot = lambda spec, a, b: jnp.einsum(spec, a.astype(mm), b.astype(mm), preferred_element_type=f32)  # noqa: E731
 
   # 1. Inside each chunk: y_t = sum_{s<=t} (C_t . B_s) exp(a_{s+1} + ... + a_t) dt_s x_s.
   decay_BCGRTS = jnp.exp(_segsum(a_BCGRT))
-  CB_BCTSG = jnp.einsum("BCTGQ,BCSGQ->BCTSG", Cm, Bm)
-  y_BCTGRP = jnp.einsum("BCTSG,BCGRTS,BCSGRP->BCTGRP", CB_BCTSG, decay_BCGRTS, xdt_BCSGRP)
+  CB_BCGTS = dot("BCTGQ,BCSGQ->BCGTS", Cm, Bm)
+  y_BCTGRP = dot("BCGRTS,BCSGRP->BCTGRP", CB_BCGTS[:, :, :, None] * decay_BCGRTS, xdt_BCSGRP)
 
   # 2. Each chunk's own contribution to the state at its end.
-  to_end_BCGRS = decay_BCGRTS[..., -1, :]
-  local_BCGRPQ = jnp.einsum("BCGRS,BCSGRP,BCSGQ->BCGRPQ", to_end_BCGRS, xdt_BCSGRP, Bm)
+  to_end_BCSGR = jnp.moveaxis(decay_BCGRTS[..., -1, :], -1, 2)
+  local_BCGRPQ = dot("BCSGRP,BCSGQ->BCGRPQ", xdt_BCSGRP * to_end_BCSGR[..., None], Bm)
 
   # 3. The states entering each chunk: a recurrence over chunks, written as one more decay matrix.
   if state_BNPQ is None:
@@ -81,8 +84,8 @@ def ssd(
   entering_BCGRPQ, final_BGRPQ = states_BCGRPQ[:, :-1], states_BCGRPQ[:, -1]
 
   # 4. The entering state's contribution: y_t += exp(a_1 + ... + a_t) C_t h_entering.
-  from_start_BCGRT = jnp.exp(jnp.cumsum(a_BCGRT, axis=-1))
-  y_BCTGRP += jnp.einsum("BCTGQ,BCGRPQ,BCGRT->BCTGRP", Cm, entering_BCGRPQ, from_start_BCGRT)
+  from_start_BCTGR = jnp.moveaxis(jnp.exp(jnp.cumsum(a_BCGRT, axis=-1)), -1, 2)
+  y_BCTGRP += dot("BCTGQ,BCGRPQ->BCTGRP", Cm, entering_BCGRPQ) * from_start_BCTGR[..., None]
 
   y_BTNP = y_BCTGRP.reshape(Bsz, C * chunk, N, P)[:, :T]
   return y_BTNP, final_BGRPQ.reshape(Bsz, N, P, Q)

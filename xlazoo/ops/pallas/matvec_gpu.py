@@ -1,0 +1,224 @@
+"""One layer's GEMV out of a stacked weight, read in place: a Pallas Mosaic GPU kernel (Hopper).
+
+Dimensions (this file's own letters): M rows of x (decode batch, <= 64), K contraction, N output
+columns, L layers of the stack, R = 64 rows of a wgmma tile (x zero-padded), TK x TN a weight tile,
+U work units (weight tiles), P blocks, Q output segments per block.
+
+A decode step scans its layers over weights stacked as w[L, K, N]; slicing w[layer] out of the stack
+makes XLA copy it before the matmul. `layer_matmul` takes the whole stack and the (traced) layer
+index and streams only w[layer]'s [K, N] block from HBM, once.
+
+Work: w[layer] is cut into U = (N / TN) x (K / TK) tiles, ordered column tile by column tile (all
+of a column tile's K tiles in a row). The grid is persistent, P blocks (one per SM), and block p
+takes the contiguous units [p U / P, (p + 1) U / P), so every block moves the same bytes (within
+one tile). Each block streams its tiles, with the matching [M, TK] slice of x, from HBM into
+swizzled shared memory with TMA, STAGES tiles in flight, and accumulates x @ w on the
+tensor cores (wgmma, x padded to R = 64 rows in shared memory; only its first round_up(M, 8) rows
+are loaded). A block's units cover at most Q column tiles; for each one (a segment) it writes its
+float32 partial [M, TN] to out[p, q]; `_combine` (jnp, small) adds the partials of each column
+tile. The TMA pipeline runs across segment boundaries.
+
+Ragged edges: tiles never leave w[layer]. The last column tile starts at N - TN (overlapping the one
+before; both compute the same columns, `_combine` keeps one), and the last K tile starts at K - TK,
+its first rows (already counted by the tile before) meeting zeros in x: x is laid out in jnp as
+[round_up(M, 8), K tiles x TK] with those columns zeroed. TMA sees w as whole [8, S] tiles (S the
+swizzle width in elements), so N must be a multiple of S: the swizzle is the widest of 128, 64, 32
+bytes that divides N (N = 10576 = 16 x 661 takes 32 bytes), and N % 16 != 0 or K % 8 != 0 are not
+supported (tile starts are multiples of 8 rows and S columns).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+R = 64  # wgmma tile rows: the M rows of x, zero-padded
+BLOCK_N = 128  # TN: weight tile columns (the wgmma N; a multiple of 64)
+BLOCK_K = 64  # TK: weight tile rows (a multiple of 64: one 128-byte swizzle row of bf16)
+STAGES = 6  # tiles in shared memory at once: 6 x (16 KiB of w + 8 KiB of x) + 32 KiB for the output
+BLOCKS_PER_SM = 1  # persistent grid: this many blocks per SM
+INTERPRET_BLOCKS = 3  # grid size in interpret mode (no SMs to count)
+
+
+def supported(x_MK: jax.Array, w_LKN: jax.Array) -> bool:
+  """Whether the kernel handles these shapes on this backend: Hopper, bf16/f16 x and w alike, M <= 64."""
+  if x_MK.ndim != 2 or w_LKN.ndim != 3:
+    return False
+  M, K = x_MK.shape
+  _, K2, N = w_LKN.shape
+  return (
+      _on_hopper() and x_MK.dtype in (jnp.bfloat16, jnp.float16) and w_LKN.dtype == x_MK.dtype
+      and 1 <= M <= R and K == K2 and K >= BLOCK_K and N >= BLOCK_N
+      and K % 8 == 0 and N % 16 == 0  # TMA sees w as whole [8, 16 or more] tiles (swizzle >= 32 bytes)
+  )
+
+
+def _on_hopper() -> bool:
+  """wgmma is sm_90a only (H100/H200); other GPUs take the reference."""
+  if jax.default_backend() != "gpu":
+    return False
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+def _num_sms() -> int:
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def _swizzle(N: int, dtype) -> int:
+  """The widest swizzle (bytes) whose tile width divides N: TMA sees w as whole [8, swizzle] tiles."""
+  itemsize = jnp.dtype(dtype).itemsize
+  return next(s for s in (128, 64, 32) if N % (s // itemsize) == 0)
+
+
+def _smem(shape, dtype, swizzle):
+  """A shared-memory buffer in the tiled, swizzled layout that TMA and wgmma use."""
+  minor = swizzle // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(swizzle)))
+
+
+def _interpret_params(interpret):
+  if interpret is True:  # Mosaic GPU interpret mode: no public path to its parameters yet
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
+  return interpret or None
+
+
+def _plan(K: int, N: int, P: int, TK: int, TN: int):
+  """The static work split: units per column tile, units, segments per block, and each block's segments."""
+  KT, NT = -(-K // TK), -(-N // TN)
+  U = KT * NT
+  P = max(1, min(P, U))
+  segments = []  # (block, segment, column tile) of every partial the kernel writes
+  for p in range(P):
+    u0, u1 = p * U // P, (p + 1) * U // P
+    for q, j in enumerate(range(u0 // KT, (u1 - 1) // KT + 1)):
+      segments.append((p, q, j))
+  Q = 1 + max(q for _, q, _ in segments)
+  return KT, NT, U, P, Q, segments
+
+
+def _kernel(layer_ref, x_ref, w_ref, out_ref, *, U, KT, TK, TN, stages, swizzle):
+  _, K, N = w_ref.shape
+  Mp = x_ref.shape[0]
+  M = out_ref.shape[2]
+  P = out_ref.shape[0]
+  p = lax.axis_index("p")
+  layer = layer_ref[0]
+  u0, u1 = lax.div(p * U, P), lax.div((p + 1) * U, P)  # this block's units: [u0, u1)
+  n = u1 - u0
+  j0 = lax.div(u0, KT)
+  nseg = lax.div(u1 - 1, KT) - j0 + 1
+
+  def pipeline(x_smem, w_smem, x_bar, w_bar, o_smem):
+    def fetch(i):  # unit u0 + i into slot i % stages
+      u = u0 + i
+      j = lax.div(u, KT)
+      k0 = jnp.minimum((u - j * KT) * TK, K - TK)  # the last K tile moved back inside K (x zeroed there)
+      n0 = jnp.minimum(j * TN, N - TN)  # the last column tile moved back inside N
+      slot = lax.rem(i, jnp.int32(stages))
+      x_dst = x_smem.at[slot] if Mp == R else x_smem.at[slot, pl.ds(0, Mp)]
+      plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds((u - j * KT) * TK, TK)], x_dst, x_bar.at[slot])
+      plgpu.copy_gmem_to_smem(w_ref.at[layer, pl.ds(k0, TK), pl.ds(n0, TN)], w_smem.at[slot], w_bar.at[slot])
+
+    for i in range(stages - 1):
+      pl.when(i < n)(functools.partial(fetch, i))
+
+    def step(acc_ref, i, carry):
+      slot = lax.rem(i, jnp.int32(stages))
+      plgpu.barrier_wait(x_bar.at[slot])
+      plgpu.barrier_wait(w_bar.at[slot])
+      plgpu.wgmma(acc_ref, x_smem.at[slot], w_smem.at[slot])
+      plgpu.wgmma_wait(1)  # unit i - 1's wgmma is done: its slot is free
+      pl.when(i + stages - 1 < n)(lambda: fetch(i + stages - 1))
+      return carry
+
+    def segment(q, carry):  # the block's units in column tile j0 + q
+      lo = jnp.maximum(u0, (j0 + q) * KT) - u0
+      hi = jnp.minimum(u1, (j0 + q + 1) * KT) - u0
+
+      def accumulate(acc_ref):
+        lax.fori_loop(lo, hi, functools.partial(step, acc_ref), 0)
+        return acc_ref[...]
+
+      acc_RN = pl.run_scoped(accumulate, plgpu.ACC((R, TN), jnp.float32))
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous segment's store has read o_smem
+      o_smem[...] = acc_RN
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, M)], out_ref.at[p, q])
+      return carry
+
+    lax.fori_loop(0, nseg, segment, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(
+      pipeline,
+      _smem((stages, R, TK), x_ref.dtype, swizzle),
+      _smem((stages, TK, TN), w_ref.dtype, swizzle),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.SMEM((R, TN), jnp.float32),
+  )
+
+
+def _layout_x(x_MK, KT: int, TK: int):
+  """x as [round_up(M, 8), KT TK]: column t TK + i meets weight row min(t TK, K - TK) + i of K tile t."""
+  M, K = x_MK.shape
+  Mp = -(-M // 8) * 8
+  shift = KT * TK - K  # the last K tile starts `shift` rows early; those rows meet zeros
+  x_MK = jnp.concatenate([x_MK[:, : (KT - 1) * TK], jnp.zeros((M, shift), x_MK.dtype), x_MK[:, (KT - 1) * TK :]], 1)
+  return jnp.pad(x_MK, ((0, Mp - M), (0, 0)))
+
+
+def _combine(out_PQMN, segments, NT: int, N: int):
+  """Adds each column tile's partials (one gather-and-sum) and lays the tiles out along N (the last ends at N)."""
+  P, Q, M, TN = out_PQMN.shape
+  by_tile = [[] for _ in range(NT)]
+  for p, q, j in segments:
+    by_tile[j].append(p * Q + q)
+  C = max(len(rows) for rows in by_tile)
+  rows_JC = np.array([rows + [P * Q] * (C - len(rows)) for rows in by_tile], np.int32)  # P Q: out of range, reads 0
+  parts_JCMN = jnp.take(out_PQMN.reshape(P * Q, M, TN), rows_JC, axis=0, mode="fill", fill_value=0)
+  tiles_JMN = parts_JCMN.sum(axis=1)
+  y_MN = jnp.transpose(tiles_JMN[: NT - 1], (1, 0, 2)).reshape(M, (NT - 1) * TN)
+  last_MN = tiles_JMN[NT - 1][:, (NT - 1) * TN - (N - TN) :]
+  return jnp.concatenate([y_MN, last_MN], axis=1)
+
+
+def layer_matmul(x_MK: jax.Array, w_LKN: jax.Array, layer, *, interpret=False) -> jax.Array:
+  """x @ w[layer] in float32, reading w[layer] in place: [M, K] x [L, K, N] -> [M, N] float32.
+
+  Same function as `jnp.einsum("MK,KN->MN", x, w[layer], preferred_element_type=jnp.float32)`;
+  `layer` is an int or an int32 scalar (may be traced; clamped to [0, L) as indexing does).
+  `interpret`: True (or an InterpretGPUParams) runs the kernel in Mosaic GPU interpret mode.
+  """
+  return _layer_matmul(x_MK, w_LKN, layer, interpret=interpret)
+
+
+def _layer_matmul(x_MK, w_LKN, layer, *, interpret=False, block_n=None, block_k=None, stages=None, blocks=None):
+  """`layer_matmul` with its tiling open to tuning (None: the module's settings)."""
+  TN, TK = block_n or BLOCK_N, block_k or BLOCK_K
+  stages = stages or STAGES
+  M, K = x_MK.shape
+  L, K2, N = w_LKN.shape
+  if not 1 <= M <= R or K != K2 or K < TK or K % 8 or N < TN or N % 16 or TN % 64 or TK % 64:
+    raise ValueError(f"layer_matmul kernel: unsupported shapes x {x_MK.shape}, w {w_LKN.shape} (tiles {TK}x{TN})")
+  if x_MK.dtype != w_LKN.dtype or x_MK.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"layer_matmul kernel: x and w must both be bf16 or f16, got {x_MK.dtype}, {w_LKN.dtype}")
+  if blocks is None:
+    blocks = INTERPRET_BLOCKS if interpret else BLOCKS_PER_SM * _num_sms()
+  KT, NT, U, P, Q, segments = _plan(K, N, blocks, TK, TN)
+  x_MpKp = _layout_x(x_MK, KT, TK)
+  layer_1 = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1).reshape(1)
+  kernel = functools.partial(_kernel, U=U, KT=KT, TK=TK, TN=TN, stages=stages, swizzle=_swizzle(N, w_LKN.dtype))
+  out_PQMN = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((P, Q, M, TN), jnp.float32),
+      grid=(P,),
+      grid_names=("p",),
+      interpret=_interpret_params(interpret),
+  )(layer_1, x_MpKp, w_LKN)
+  return _combine(out_PQMN, segments, NT, N)
