@@ -73,9 +73,10 @@ def test_matches_reference(S, K, G, H, lengths, dtype, window, softcap):
 
 @pytest.mark.slow
 def test_many_tiles_per_split(monkeypatch):
-  """Fewer, longer splits: each block streams several tiles through the shared-memory stages."""
-  monkeypatch.setattr(decode_gpu, "TARGET_SPLITS", 2)
-  _check(2, 512, 1, 4, 64, [512, 333], jnp.bfloat16)
+  """Fewer, longer splits: each block streams several tiles through the shared-memory stages. Splits are
+  sized per row in whole tiles: 8 tiles as 4 + 4, 5 as 3 + 2; with a window, from the tile of its start."""
+  monkeypatch.setattr(decode_gpu, "SPLITS", 2)
+  _check(2, 512, 1, 4, 64, [512, 300], jnp.bfloat16)
   _check(1, 512, 1, 4, 64, [460], jnp.bfloat16 if ON_GPU else jnp.float32, window=300, softcap=10.0)
 
 

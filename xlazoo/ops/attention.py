@@ -11,10 +11,12 @@ Hopper, Mosaic TPU on TPU) or cuDNN, with the reference as the fallback:
 - `decode_attention`: one new token per row over a fixed-size cache, row b's keys at slots < lengths[b].
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from xlazoo.ops.pallas import attention_tpu, decode_gpu
+from xlazoo.ops.pallas import attention_gpu, attention_tpu, decode_gpu
 
 QUERY_BLOCK = 1024  # the reference's query block on long sequences (causal_attention)
 
@@ -57,11 +59,43 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: jax.Array 
   """Attention among the tokens at positions 0..T-1 (queries, keys and values of the same tokens)."""
   if attention_tpu.supported(q_BTNH, k_BTKH, window=window, softcap=softcap):
     return attention_tpu.flash_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, window=window, softcap=softcap)
+  flash = attention_gpu.supported(q_BTNH, k_BTKH, window=window, softcap=softcap)
+  if flash and _cudnn_ok(q_BTNH, window, softcap):
+    return _flash_cudnn_grad(q_BTNH, k_BTKH, v_BTKH, scale, window)
+  if flash:
+    return attention_gpu.flash_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, window=window, softcap=softcap)
   if _cudnn_ok(q_BTNH, window, softcap):
-    local = (window - 1, 0) if window > 0 else None
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True, local_window_size=local, implementation="cudnn"
-    )
+    return _cudnn(q_BTNH, k_BTKH, v_BTKH, scale, window)
+  return causal_reference(q_BTNH, k_BTKH, v_BTKH, scale=scale, window=window, softcap=softcap)
+
+
+def _cudnn(q_BTNH, k_BTKH, v_BTKH, scale, window):
+  local = (window - 1, 0) if window > 0 else None
+  return jax.nn.dot_product_attention(
+      q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True, local_window_size=local, implementation="cudnn"
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash_cudnn_grad(q_BTNH, k_BTKH, v_BTKH, scale, window):
+  """The Mosaic flash kernel; under differentiation, cuDNN's forward and backward instead. On an H100 at
+  8192 tokens (benchmarks/RESULTS.md) the kernel's forward is the faster one, cuDNN's backward."""
+  return attention_gpu.flash_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, window=window)
+
+
+def _flash_cudnn_grad_fwd(q_BTNH, k_BTKH, v_BTKH, scale, window):
+  return jax.vjp(lambda q, k, v: _cudnn(q, k, v, scale, window), q_BTNH, k_BTKH, v_BTKH)
+
+
+def _flash_cudnn_grad_bwd(scale, window, vjp, do_BTNH):
+  return vjp(do_BTNH)
+
+
+_flash_cudnn_grad.defvjp(_flash_cudnn_grad_fwd, _flash_cudnn_grad_bwd)
+
+
+def causal_reference(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: jax.Array | int = 0, softcap: float | None = None):
+  """`causal_attention` in plain jnp (`attention`), one query block at a time on long sequences."""
   B, T, N, H = q_BTNH.shape
   pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   kw = dict(scale=scale, window=window, softcap=softcap)

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from xlazoo.ops.pallas import on_hopper
+
 ROWS = 64  # rows of a tile owned by one consumer warpgroup (the M of its wgmmas)
 BLOCK = 128  # tile of a CTA: 2 consumers x ROWS; also the forward's KV block
 STEP = 64  # backward: the query block streamed by dK/dV, the key block streamed by dQ
@@ -51,11 +53,14 @@ SMEM_BYTES = 200 * 1024  # what the SMEM rings may use (H100: 227 KiB per CTA)
 
 
 def supported(q_BTNH, k_BTKH, *, window, softcap) -> bool:
-  """Whether `flash_attention` handles these inputs on the GPU."""
-  N, H, K = q_BTNH.shape[2], q_BTNH.shape[3], k_BTKH.shape[2]
+  """Whether `flash_attention` handles these inputs on a Hopper GPU."""
+  if q_BTNH.ndim != 4 or k_BTKH.ndim != 4:
+    return False
+  (B, T, N, H), (B2, T2, K, H2) = q_BTNH.shape, k_BTKH.shape
   return (
-      q_BTNH.ndim == 4 and k_BTKH.ndim == 4 and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
-      and k_BTKH.dtype == q_BTNH.dtype and H in (64, 128) and k_BTKH.shape[3] == H and N % K == 0
+      on_hopper() and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and k_BTKH.dtype == q_BTNH.dtype
+      and (B, T, H) == (B2, T2, H2)
+      and H in (64, 128) and N % K == 0
       and (softcap is None or (isinstance(softcap, (int, float)) and softcap > 0))
       and (isinstance(window, (int, np.integer)) or jnp.issubdtype(jnp.asarray(window).dtype, jnp.integer))
   )
@@ -69,7 +74,13 @@ class _Cfg(NamedTuple):
 
 
 def flash_attention(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window=0, softcap: float | None = None, interpret=False):
-  """Causal attention among the tokens at positions 0..T-1 (see the module docstring); differentiable."""
+  """Causal attention among the tokens at positions 0..T-1 (see the module docstring); differentiable.
+
+  window: a Python int (the KV loop bounds are specialised to it) or a traced int32 scalar (read by the
+  kernels at run time); <= 0 means no window. softcap: a static float or None. interpret: False for the
+  compiled kernels, or Mosaic GPU interpret params (JAX 0.10: jax._src.pallas.mosaic_gpu.interpret.params
+  .InterpretGPUParams()) to run them on the CPU. float32 inputs work only when interpreting.
+  """
   if isinstance(window, (int, np.integer)):
     w_1, static = None, int(window)
   else:
@@ -124,8 +135,7 @@ class _Ops:
     return x if self.interpret else plgpu.layout_cast(x, layout)
 
   def zeros(self, shape):
-    lay = plgpu.Layout.WGMMA if len(shape) == 2 else plgpu.Layout.WGMMA.reduce(1)
-    return self.layout(jnp.zeros(shape, jnp.float32), lay)
+    return self.layout(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
   def full_rows(self, value):
     return self.layout(jnp.full((ROWS,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -167,18 +177,18 @@ def _window(w_ref, cfg):
   return cfg.window if cfg.window > 0 else None
 
 
-def _visible(t, s, w):
-  """Query positions t see key positions s."""
-  ok = t >= s
-  return ok if w is None else ok & (t - s < w)
+def _mask(x, t, s, w):
+  """x where query position t sees key position s, else -inf (two selects: no boolean and)."""
+  x = jnp.where(t >= s, x, -jnp.inf)
+  return x if w is None else jnp.where(t - s < w, x, -jnp.inf)
 
 
-def _scores(s, cfg):
-  """Raw q.k -> (scaled, soft-capped score in log2 units, the tanh for the backward or None)."""
+def _logits(s, cfg):
+  """Raw q.k -> (x, c) with c > 0 such that x * c is the scaled, soft-capped score in log2 units; with a
+  soft-cap x is the tanh. Maxima are taken on x and scaled after, so exp2(x * c - m) is one FMA each."""
   if cfg.softcap is None:
-    return s * (cfg.scale * LOG2E), None
-  th = jnp.tanh(s * (cfg.scale / cfg.softcap))
-  return th * (cfg.softcap * LOG2E), th
+    return s, cfg.scale * LOG2E
+  return jnp.tanh(s * (cfg.scale / cfg.softcap)), cfg.softcap * LOG2E
 
 
 def _div(x, d):
@@ -313,12 +323,12 @@ def _forward(q_BTNH, k_BTKH, v_BTKH, w_1, cfg):
         return out
 
       def softmax(s, j, m, l, acc, masked):
-        s, _ = _scores(s, cfg)
+        x, c = _logits(s, cfg)
         if masked:
-          s = jnp.where(_visible(row0 + ops.iota(s.shape, 0), j * BLOCK + ops.iota(s.shape, 1), w), s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=1))
+          x = _mask(x, row0 + ops.iota(x.shape, 0), j * BLOCK + ops.iota(x.shape, 1), w)
+        m_new = jnp.maximum(m, x.max(axis=1) * c)
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        p = jnp.exp2(x * c - lax.broadcast_in_dim(m_new, x.shape, [0]))
         l = l * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         return p.astype(dtype), m_new, l, acc
@@ -329,9 +339,10 @@ def _forward(q_BTNH, k_BTKH, v_BTKH, w_1, cfg):
 
       plgpu.barrier_wait(q_bar.at[wg])
       # Prologue: S_lo = Q K_lo^T.
-      plgpu.barrier_wait(k_bar.at[0])
-      (s,), _ = gemms(nt=[(q_smem, k.at[0])])
-      plgpu.barrier_arrive(k_free.at[0])
+      # Block lo sits in slot(lo) = 0, a traced index: JAX 0.11 cannot lower a constant one inside ops.mma.
+      plgpu.barrier_wait(k_bar.at[slot(lo)])
+      (s,), _ = gemms(nt=[(q_smem, k.at[slot(lo)])])
+      plgpu.barrier_arrive(k_free.at[slot(lo)])
       state = softmax(s, lo, ops.full_rows(M_INIT), ops.full_rows(0.0), ops.zeros((ROWS, H)), masked=True)
 
       def body(j, state, masked):
@@ -428,11 +439,12 @@ def _backward_dq(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg):
         plgpu.barrier_wait(v_bar.at[slot])
         (s, dp), _ = ops.mma(nt=[(q.at[wg], k.at[slot]), (do.at[wg], v.at[slot])])
         plgpu.barrier_arrive(v_free.at[slot])
-        s, th = _scores(s, cfg)
+        x, c = _logits(s, cfg)
+        th = None if cfg.softcap is None else x
         if masked:
-          s = jnp.where(_visible(row0 + ops.iota(s.shape, 0), j * STEP + ops.iota(s.shape, 1), w), s, -jnp.inf)
-        p = jnp.exp2(s - lax.broadcast_in_dim(lse_r, s.shape, [0]))
-        ds = _ds(p, dp, lax.broadcast_in_dim(delta_r, s.shape, [0]), th)
+          x = _mask(x, row0 + ops.iota(x.shape, 0), j * STEP + ops.iota(x.shape, 1), w)
+        p = jnp.exp2(x * c - lax.broadcast_in_dim(lse_r, x.shape, [0]))
+        ds = _ds(p, dp, lax.broadcast_in_dim(delta_r, x.shape, [0]), th)
         _, (dq,) = ops.mma(acc=[(dq, ds.astype(dtype), k.at[slot])])
         plgpu.barrier_arrive(k_free.at[slot])
         return dq
@@ -508,12 +520,14 @@ def _backward_dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg)
         lse_r, delta_r = ops.vector(ring["lse"].at[slot], 1), ops.vector(ring["delta"].at[slot], 1)
         plgpu.barrier_arrive(ring["lse_free"].at[slot])
         plgpu.barrier_arrive(ring["delta_free"].at[slot])
-        s, th = _scores(s, cfg)
+        x, c = _logits(s, cfg)
+        th = None if cfg.softcap is None else x
         if masked:
-          s = jnp.where(_visible(i * STEP + ops.iota(s.shape, 1), row0 + ops.iota(s.shape, 0), w), s, -jnp.inf)
-        p = jnp.exp2(s - lax.broadcast_in_dim(lse_r, s.shape, [1]))
-        ds = _ds(p, dp, lax.broadcast_in_dim(delta_r, s.shape, [1]), th)
-        _, (dv, dk) = ops.mma(acc=[(dv, p.astype(dtype), ring["do"].at[slot]), (dk, ds.astype(dtype), ring["q"].at[slot])])
+          x = _mask(x, i * STEP + ops.iota(x.shape, 1), row0 + ops.iota(x.shape, 0), w)
+        p = jnp.exp2(x * c - lax.broadcast_in_dim(lse_r, x.shape, [1]))
+        ds = _ds(p, dp, lax.broadcast_in_dim(delta_r, x.shape, [1]), th)
+        _, (dv, dk) = ops.mma(
+            acc=[(dv, p.astype(dtype), ring["do"].at[slot]), (dk, ds.astype(dtype), ring["q"].at[slot])])
         plgpu.barrier_arrive(ring["q_free"].at[slot])
         plgpu.barrier_arrive(ring["do_free"].at[slot])
         return dk, dv

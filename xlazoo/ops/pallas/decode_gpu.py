@@ -4,9 +4,12 @@ Dimensions: B batch, S cache slots, N query heads, K kv heads, G = N / K query h
 H head dim, M = 64 rows of a wgmma tile (the G query heads of one kv head, zero-padded),
 T cache slots per KV tile, P splits of the S axis.
 
-Flash-decoding: the grid is (B, K, P). Block (b, k, p) streams the KV tiles of split p of row b that
-hold visible slots ([max(0, lengths[b] - window), lengths[b]), all slots before lengths[b] when
-window <= 0) from HBM into shared memory with TMA, STAGES tiles in flight, and runs an online
+Flash-decoding: the grid is (B, K, P). Row b's visible slots ([max(0, lengths[b] - window), lengths[b]),
+all slots before lengths[b] when window <= 0) are cut into P splits of whole tiles, sized per row, so
+every block of a short row has as little work as every block of a long one has much, and no block
+idles while others stream (a split size fixed from S left most blocks of the short rows empty and
+the GPU in a partial last wave). Block (b, k, p) streams the KV tiles of split p of row b
+from HBM into shared memory with TMA, STAGES tiles in flight, and runs an online
 softmax on them: scores = [M, H] x [H, T] and output += [M, T] x [T, H] on the tensor cores (wgmma),
 so each K/V byte is read once for all G query heads. A block with no visible slot loads nothing.
 Each block writes its normalised float32 output and log-sum-exp; `_combine` (jnp) merges the splits.
@@ -25,11 +28,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from xlazoo.ops.pallas import on_hopper
+
 M = 64  # wgmma tile rows: the G query heads of a kv head, zero-padded
 BLOCK_KV = 64  # T: cache slots per KV tile
 STAGES = 2  # KV tiles in shared memory at once (one loading while one is used)
-MAX_SPLIT_TILES = 16  # a split holds at most this many tiles...
-TARGET_SPLITS = 32  # ...and S is cut into about this many splits
+SPLITS = 32  # P: splits per row, fewer where S has fewer tiles
 
 
 def supported(q_BNH: jax.Array, k_BSKH: jax.Array, *, window, softcap) -> bool:
@@ -38,21 +42,9 @@ def supported(q_BNH: jax.Array, k_BSKH: jax.Array, *, window, softcap) -> bool:
   B, N, H = q_BNH.shape
   S, K, _ = k_BSKH.shape[-3:]
   return (
-      _on_hopper() and q_BNH.dtype in (jnp.bfloat16, jnp.float16) and k_BSKH.dtype == q_BNH.dtype
+      on_hopper() and q_BNH.dtype in (jnp.bfloat16, jnp.float16) and k_BSKH.dtype == q_BNH.dtype
       and N % K == 0 and N // K <= M and H in (64, 128, 256) and S >= BLOCK_KV
   )
-
-
-def _on_hopper() -> bool:
-  """wgmma is sm_90a only (H100/H200); other GPUs take the reference."""
-  if jax.default_backend() != "gpu":
-    return False
-  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
-
-
-def _split_slots(S: int, T: int) -> int:
-  """Slots per split (a multiple of T), chosen from S alone."""
-  return T * max(1, min(MAX_SPLIT_TILES, S // (TARGET_SPLITS * T)))
 
 
 def _smem(shape, dtype):
@@ -68,13 +60,14 @@ def _interpret_params(interpret):
   return interpret or None
 
 
-def _kernel(layer_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, softcap, split, interpret):
+def _kernel(layer_ref, lo_ref, hi_ref, split_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, softcap, interpret):
   S, H = k_ref.shape[2], k_ref.shape[4]
   T, G, dtype = BLOCK_KV, o_ref.shape[3], k_ref.dtype
   b, kh, sp = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("p")
-  layer, length = layer_ref[0], hi_ref[b]
-  first = jnp.maximum(lo_ref[b], sp * split)  # this split's visible slots: [first, end)
-  end = jnp.minimum(length, (sp + 1) * split)
+  layer, lo, length, split = layer_ref[0], lo_ref[b], hi_ref[b], split_ref[b]
+  base = lax.div(lo, T) * T  # splits start on a tile boundary, so no tile is read by two of them
+  first = jnp.maximum(lo, base + sp * split)  # this split's visible slots: [first, end)
+  end = jnp.minimum(length, base + (sp + 1) * split)
   t0 = lax.div(first, T)
   n = jnp.where(end > first, lax.div(end + T - 1, T) - t0, 0)  # tiles to visit; 0: nothing visible here
   layout = (lambda x, _: x) if interpret else plgpu.layout_cast  # the interpreter has no register layouts
@@ -193,19 +186,20 @@ def decode_attention(q_BNH, k, v, lengths_B, *, scale: float, window=0, softcap:
     raise ValueError(f"decode_attention kernel: unsupported shapes q {q_BNH.shape}, k/v {k.shape} {v.shape}")
   if not q_BNH.dtype == k.dtype == v.dtype:
     raise ValueError(f"decode_attention kernel: q, k, v dtypes differ: {q_BNH.dtype}, {k.dtype}, {v.dtype}")
-  split = _split_slots(S, T)
-  P = -(-S // split)
+  P = min(SPLITS, S // T)
   lengths_B = lengths_B.astype(jnp.int32)
   window = jnp.asarray(window, jnp.int32)
   lo_B = jnp.where(window > 0, jnp.maximum(lengths_B - window, 0), 0)  # row b's visible slots: [lo, hi)
   hi_B = jnp.minimum(lengths_B, S)
+  tiles_B = lax.div(hi_B - lax.div(lo_B, T) * T + T - 1, T)  # the tiles from lo's to hi's
+  split_B = jnp.maximum(lax.div(tiles_B + P - 1, P), 1) * T  # slots per split, whole tiles
   q_BKMH = jnp.pad(q_BNH.reshape(B, K, G, H), ((0, 0), (0, 0), (0, M - G), (0, 0)))
-  kernel = functools.partial(_kernel, scale=scale, softcap=softcap, split=split, interpret=bool(interpret))
+  kernel = functools.partial(_kernel, scale=scale, softcap=softcap, interpret=bool(interpret))
   o_BKPGH, lse_BKPM = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((B, K, P, G, H), jnp.float32), jax.ShapeDtypeStruct((B, K, P, M), jnp.float32)),
       grid=(B, K, P),
       grid_names=("b", "k", "p"),
       interpret=_interpret_params(interpret),
-  )(jnp.asarray(layer, jnp.int32).reshape(1), lo_B, hi_B, q_BKMH, k, v)
+  )(jnp.asarray(layer, jnp.int32).reshape(1), lo_B, hi_B, split_B, q_BKMH, k, v)
   return _combine(o_BKPGH, lse_BKPM).astype(q_BNH.dtype)

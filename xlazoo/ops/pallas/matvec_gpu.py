@@ -36,6 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from xlazoo.ops.pallas import on_hopper
+
 R = 64  # wgmma tile rows: the M rows of x, zero-padded
 BLOCK_N = 128  # TN: weight tile columns (the wgmma N; a multiple of 64)
 BLOCK_K = 64  # TK: weight tile rows (a multiple of 64: one 128-byte swizzle row of bf16)
@@ -51,17 +53,10 @@ def supported(x_MK: jax.Array, w_LKN: jax.Array) -> bool:
   M, K = x_MK.shape
   _, K2, N = w_LKN.shape
   return (
-      _on_hopper() and x_MK.dtype in (jnp.bfloat16, jnp.float16) and w_LKN.dtype == x_MK.dtype
+      on_hopper() and x_MK.dtype in (jnp.bfloat16, jnp.float16) and w_LKN.dtype == x_MK.dtype
       and 1 <= M <= R and K == K2 and K >= BLOCK_K and N >= BLOCK_N
       and K % 8 == 0 and N % 16 == 0  # TMA sees w as whole [8, 16 or more] tiles (swizzle >= 32 bytes)
   )
-
-
-def _on_hopper() -> bool:
-  """wgmma is sm_90a only (H100/H200); other GPUs take the reference."""
-  if jax.default_backend() != "gpu":
-    return False
-  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
 def _num_sms() -> int:
