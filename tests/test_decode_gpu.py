@@ -60,7 +60,7 @@ def _check(B, S, K, G, H, lengths, dtype, **kw):
 @pytest.mark.parametrize(
     "S, K, G, H, lengths, dtype, window, softcap",
     [
-        (200, 2, 4, 64, [1, 200], jnp.float32, 0, None),  # length 1 beside a full row; S not a multiple of the tile
+        (320, 2, 4, 64, [1, 320], jnp.float32, 0, None),  # length 1 beside a full row
         (256, 1, 8, 128, [130, 77], jnp.bfloat16, 0, None),
         (192, 2, 1, 64, [191, 64], jnp.bfloat16, 50, None),  # window
         (128, 1, 4, 64, [100, 3], jnp.float32, 0, 5.0),  # soft-cap
@@ -103,16 +103,21 @@ def test_stacked_cache_layer_in_jit():
 def test_slots_past_length_never_used(window):
   """NaN in every slot at or past a row's length leaves the output finite and unchanged."""
   kw = dict(scale=0.125, window=window)
-  q, k, v, lengths = _inputs(2, 200, 1, 4, 64, [1, 97], jnp.bfloat16, fill=jnp.nan)
-  _, k0, v0, _ = _inputs(2, 200, 1, 4, 64, [1, 97], jnp.bfloat16, fill=0.0)
+  q, k, v, lengths = _inputs(2, 192, 1, 4, 64, [1, 97], jnp.bfloat16, fill=jnp.nan)
+  _, k0, v0, _ = _inputs(2, 192, 1, 4, 64, [1, 97], jnp.bfloat16, fill=0.0)
   out = _kernel(q, k, v, lengths, **kw)
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(_kernel(q, k0, v0, lengths, **kw), np.float32))
   assert _rel_err(out, _reference(q, k0, v0, lengths, **kw)) < 2e-2
 
 
-def test_supported():
+def test_supported(monkeypatch):
   q, k, _, _ = _inputs(1, 128, 2, 4, 128, [5], jnp.bfloat16)
   assert decode_gpu.supported(q, k, window=0, softcap=None) == ON_GPU
+  monkeypatch.setattr(decode_gpu, "on_hopper", lambda: True)  # the shape rules, on any machine
+  assert decode_gpu.supported(q, k, window=0, softcap=None)
+  assert not decode_gpu.supported(q, k[:, :100], window=0, softcap=None)  # S: not whole tiles of 64
+  with pytest.raises(ValueError, match="unsupported shapes"):
+    decode_gpu.decode_attention(q, k[:, :100], k[:, :100], jnp.array([5]), scale=0.1)
   assert not decode_gpu.supported(q.astype(jnp.float32), k.astype(jnp.float32), window=0, softcap=None)
   assert not decode_gpu.supported(q[..., :32], k[..., :32], window=0, softcap=None)  # H = 32
 

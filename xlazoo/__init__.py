@@ -79,7 +79,7 @@ def generate(
     seed: random seed; the same seed gives the same tokens.
     stop_ids: token ids that end a row (default: the checkpoint's eos_token_id); after its stop
       token a row is filled with the pad id (pad_token_id, else the first stop id).
-    cache_len: KV cache length (default: padded prompt length + max_new_tokens).
+    cache_len: KV cache slots (default: padded prompt length + max_new_tokens), rounded up to a multiple of 64.
 
   Returns:
     int32 array [B, max_new_tokens].

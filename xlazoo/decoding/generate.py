@@ -22,6 +22,7 @@ from xlazoo.decoding.sampling import Sampler
 from xlazoo.models import Model
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share one compile
+CACHE_ALIGN = 64  # KV caches hold a multiple of this many slots: the GPU decode kernel reads whole tiles of 64
 
 
 @struct.dataclass
@@ -146,7 +147,7 @@ def prepare(
     cache_len = T + max_new_tokens
   elif need > cache_len:
     raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {need} exceeds cache_len {cache_len}")
-  cache_len = max(cache_len, T)  # the padded prompt is written whole
+  cache_len = math.ceil(max(cache_len, T) / CACHE_ALIGN) * CACHE_ALIGN  # the padded prompt is written whole
   stop = tuple(config.eos_token_ids if stop_ids is None else (int(s) for s in stop_ids))
   pad = config.pad_token_id if config.pad_token_id is not None else (stop[0] if stop else 0)
   prompt_BT = np.full((len(rows), T), pad if 0 <= pad < config.vocab_size else 0, np.int32)

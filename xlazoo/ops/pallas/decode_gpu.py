@@ -2,7 +2,7 @@
 
 Dimensions: B batch, S cache slots, N query heads, K kv heads, G = N / K query heads per kv head,
 H head dim, M = 64 rows of a wgmma tile (the G query heads of one kv head, zero-padded),
-T cache slots per KV tile, P splits of the S axis.
+T cache slots per KV tile (S is a multiple of T), P splits of the S axis.
 
 Flash-decoding: the grid is (B, K, P). Row b's visible slots ([max(0, lengths[b] - window), lengths[b]),
 all slots before lengths[b] when window <= 0) are cut into P splits of whole tiles, sized per row, so
@@ -43,7 +43,8 @@ def supported(q_BNH: jax.Array, k_BSKH: jax.Array, *, window, softcap) -> bool:
   S, K, _ = k_BSKH.shape[-3:]
   return (
       on_hopper() and q_BNH.dtype in (jnp.bfloat16, jnp.float16) and k_BSKH.dtype == q_BNH.dtype
-      and N % K == 0 and N // K <= M and H in (64, 128, 256) and S >= BLOCK_KV
+      and N % K == 0 and N // K <= M and H in (64, 128, 256)
+      and S >= BLOCK_KV and S % BLOCK_KV == 0  # xlazoo.generate allocates caches in multiples of 64 slots
   )
 
 
@@ -61,7 +62,7 @@ def _interpret_params(interpret):
 
 
 def _kernel(layer_ref, lo_ref, hi_ref, split_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, softcap, interpret):
-  S, H = k_ref.shape[2], k_ref.shape[4]
+  H = k_ref.shape[4]
   T, G, dtype = BLOCK_KV, o_ref.shape[3], k_ref.dtype
   b, kh, sp = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("p")
   layer, lo, length, split = layer_ref[0], lo_ref[b], hi_ref[b], split_ref[b]
@@ -73,8 +74,8 @@ def _kernel(layer_ref, lo_ref, hi_ref, split_ref, q_ref, k_ref, v_ref, o_ref, ls
   layout = (lambda x, _: x) if interpret else plgpu.layout_cast  # the interpreter has no register layouts
   wgmma_layout, row_layout = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
 
-  def tile_start(i):  # tile i covers slots [(t0 + i) T, (t0 + i + 1) T); the last one is moved back inside S
-    return jnp.minimum((t0 + i) * T, S - T)
+  def tile_start(i):  # tile i covers slots [(t0 + i) T, (t0 + i + 1) T), inside S as S is a multiple of T
+    return (t0 + i) * T
 
   def matmul(a_smem, b_smem, shape, transpose_b=False):  # a @ b (a @ b.T) on the tensor cores, float32
     if interpret and transpose_b:  # the interpreter's wgmma takes no transposed operand
@@ -182,7 +183,7 @@ def decode_attention(q_BNH, k, v, lengths_B, *, scale: float, window=0, softcap:
   B, N, H = q_BNH.shape
   _, _, S, K, _ = k.shape
   G, T = N // K, BLOCK_KV
-  if N % K or G > M or S < T or k.shape != v.shape or (k.shape[1], k.shape[4]) != (B, H):
+  if N % K or G > M or S < T or S % T or k.shape != v.shape or (k.shape[1], k.shape[4]) != (B, H):
     raise ValueError(f"decode_attention kernel: unsupported shapes q {q_BNH.shape}, k/v {k.shape} {v.shape}")
   if not q_BNH.dtype == k.dtype == v.dtype:
     raise ValueError(f"decode_attention kernel: q, k, v dtypes differ: {q_BNH.dtype}, {k.dtype}, {v.dtype}")
