@@ -74,7 +74,7 @@ def test_block_splits(blocks):
   x_MK, w_LKN = _inputs(5, 320, 272, 2)
   if ON_GPU and not matvec_gpu.supported(x_MK, w_LKN):
     pytest.skip("not a Hopper GPU")
-  y_MN = matvec_gpu._layer_matmul(x_MK, w_LKN, jnp.int32(1), interpret=INTERPRET, blocks=blocks)
+  y_MN = matvec_gpu._layer_matmuls(x_MK, [w_LKN], jnp.int32(1), interpret=INTERPRET, blocks=blocks)[0]
   assert _rel_err(y_MN, _reference(x_MK, w_LKN, 1)) < TOL
 
 
@@ -83,8 +83,22 @@ def test_float16_few_stages():
   x_MK, w_LKN = _inputs(2, 384, 192, 2, jnp.float16)
   if ON_GPU and not matvec_gpu.supported(x_MK, w_LKN):
     pytest.skip("not a Hopper GPU")
-  y_MN = matvec_gpu._layer_matmul(x_MK, w_LKN, 1, interpret=INTERPRET, stages=2)
+  y_MN = matvec_gpu._layer_matmuls(x_MK, [w_LKN], 1, interpret=INTERPRET, stages=2)[0]
   assert _rel_err(y_MN, _reference(x_MK, w_LKN, 1)) < TOL
+
+
+@pytest.mark.parametrize("blocks", [2, 5])
+def test_several_weights_in_one_launch(blocks):
+  """q, k, v style: weights of different widths (ragged, a single tile) side by side; blocks whose units
+  cross from one weight to the next."""
+  x_MK, w_LKN = _inputs(2, 192, 208, 3)
+  ws = [w_LKN, w_LKN[..., :128] * 2, w_LKN[..., 16:]]  # widths 208, 128, 192
+  if ON_GPU and not matvec_gpu.supported(x_MK, *ws):
+    pytest.skip("not a Hopper GPU")
+  ys = matvec_gpu._layer_matmuls(x_MK, ws, jnp.int32(2), interpret=INTERPRET, blocks=blocks)
+  assert [y.shape for y in ys] == [(2, 208), (2, 128), (2, 192)]
+  for y, w in zip(ys, ws):
+    assert _rel_err(y, _reference(x_MK, w, 2)) < TOL
 
 
 def test_layer_out_of_range_clamps_like_indexing():
@@ -107,13 +121,16 @@ def test_supported(monkeypatch):
   assert not matvec_gpu.supported(x_MK, w_LKN[..., :200])  # N: not a multiple of 16
   assert not matvec_gpu.supported(x_MK, w_LKN[..., :112])  # N < the column tile
   assert not matvec_gpu.supported(x_MK, w_LKN[:, :100])  # K mismatch
+  assert matvec_gpu.supported(x_MK, w_LKN, w_LKN[..., :128])  # several weights of one x
+  assert not matvec_gpu.supported(x_MK, w_LKN, w_LKN[:1])  # L differs
+  assert not matvec_gpu.supported(x_MK)  # no weight
 
 
 def test_unsupported_shapes_raise():
   x_MK, w_LKN = _inputs(8, 128, 256, 2)
   with pytest.raises(ValueError, match="unsupported shapes"):
     matvec_gpu.layer_matmul(jnp.zeros((65, 128), jnp.bfloat16), w_LKN, 0, interpret=INTERPRET)
-  with pytest.raises(ValueError, match="bf16 or f16"):
+  with pytest.raises(ValueError, match="bf16 or f16 alike"):
     matvec_gpu.layer_matmul(x_MK.astype(jnp.float32), w_LKN, 0, interpret=INTERPRET)
 
 
@@ -122,7 +139,7 @@ def test_lowers_for_cuda(M, K, N):
   """The Mosaic GPU lowering (layouts, TMA tiling, wgmma operands) accepts the kernel, checked without a GPU."""
   x = jax.ShapeDtypeStruct((M, K), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((3, K, N), jnp.bfloat16)
-  f = jax.jit(lambda x, w, layer: matvec_gpu._layer_matmul(x, w, layer, blocks=132))
+  f = jax.jit(lambda x, w, layer: matvec_gpu._layer_matmuls(x, [w, w[..., :N - 64]], layer, blocks=132))
   traced = f.trace(x, w, jax.ShapeDtypeStruct((), jnp.int32))
   try:
     lowered = traced.lower(lowering_platforms=("cuda",))

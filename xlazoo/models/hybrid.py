@@ -39,7 +39,7 @@ from flax import struct
 from xlazoo.models import transformer
 from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.conv import causal_conv, conv_state, conv_step
-from xlazoo.ops.mlp import ACTIVATIONS, linear
+from xlazoo.ops.mlp import ACTIVATIONS, linear, linears
 from xlazoo.ops.moe import route_sigmoid, routed_mlp
 from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.rope import Rope
@@ -570,8 +570,8 @@ def _mlp(c: Config, p: dict, h_BTD, lora_BTJ=None):
     gate_BTF, up_BTF = jnp.split(gate_up_BTJ, 2, axis=-1)
     a_BTF = act(gate_BTF) * up_BTF
   elif c.mlp_gated:
-    gate_BTF = linear(h_BTD, p["w_gate_DF"], "BTD,DF->BTF", p.get("b_gate_F")).astype(jnp.float32)
-    up_BTF = linear(h_BTD, p["w_up_DF"], "BTD,DF->BTF", p.get("b_up_F")).astype(jnp.float32)
+    gate_BTF, up_BTF = (y.astype(jnp.float32) for y in linears(
+        h_BTD, [p["w_gate_DF"], p["w_up_DF"]], ["BTD,DF->BTF"] * 2, [p.get("b_gate_F"), p.get("b_up_F")]))
     a_BTF = act(gate_BTF * m.mlp_gate) * up_BTF
   else:
     a_BTF = act(linear(h_BTD, p["w_up_DF"], "BTD,DF->BTF", p.get("b_up_F")).astype(jnp.float32))

@@ -23,7 +23,7 @@ from flax import struct
 
 from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.attention import attention, causal_attention, decode_attention
-from xlazoo.ops.mlp import ACTIVATIONS, gated_mlp, linear
+from xlazoo.ops.mlp import ACTIVATIONS, gated_mlp, linear, linears
 from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.rope import ROPE_TYPES, Rope, apply_rope
 
@@ -339,9 +339,10 @@ def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale
   if fresh:
     pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
-  q_BTNH = linear(x_BTD, p["wq_DNH"], "BTD,DNH->BTNH", p.get("bq_NH"))
-  k_BTKH = linear(x_BTD, p["wk_DKH"], "BTD,DKH->BTKH", p.get("bk_KH"))
-  v_BTKH = linear(x_BTD, p["wv_DKH"], "BTD,DKH->BTKH", p.get("bv_KH"))
+  q_BTNH, k_BTKH, v_BTKH = linears(
+      x_BTD, [p["wq_DNH"], p["wk_DKH"], p["wv_DKH"]], ["BTD,DNH->BTNH", "BTD,DKH->BTKH", "BTD,DKH->BTKH"],
+      [p.get("bq_NH"), p.get("bk_KH"), p.get("bv_KH")],
+  )
   if qkv_delta is not None:
     q_BTNH, k_BTKH, v_BTKH = (a + d.astype(a.dtype) for a, d in zip((q_BTNH, k_BTKH, v_BTKH), qkv_delta))
   if c.qk_norm == "head":

@@ -38,33 +38,52 @@ class LayerWeight:
     return self.stack[self.layer]
 
 
-def _layer_matmul(x: jax.Array, w: LayerWeight, subscripts: str) -> jax.Array | None:
-  """x's trailing dims contracted with w's leading ones by the GEMV kernel, or None where it does not apply."""
-  ins, out = subscripts.split("->")
-  xs, ws = ins.split(",")
-  k = len(xs) - len(xs.rstrip(ws))  # contracted: x's trailing letters that lead w
-  if not k or xs[-k:] != ws[:k] or out != xs[:-k] + ws[k:]:
+def _layer_matmuls(x: jax.Array, ws, subscripts) -> list[jax.Array] | None:
+  """x's trailing dims contracted with each w's leading ones by one GEMV kernel launch, or None where it
+  does not apply (a weight not a LayerWeight, a contraction of another form, shapes the kernel lacks)."""
+  if not all(isinstance(w, LayerWeight) for w in ws):
+    return None
+  ks = []
+  for w, sub in zip(ws, subscripts):
+    ins, out = sub.split("->")
+    xs, w_letters = ins.split(",")
+    k = len(xs) - len(xs.rstrip(w_letters))  # contracted: x's trailing letters that lead w
+    if not k or xs[-k:] != w_letters[:k] or out != xs[:-k] + w_letters[k:]:
+      return None
+    ks.append(k)
+  k = ks[0]
+  if any(kk != k for kk in ks):
     return None
   x_MK = x.reshape(-1, math.prod(x.shape[-k:]))
-  w_LKN = w.stack.reshape(w.stack.shape[0], x_MK.shape[1], -1)
-  if not matvec_gpu.supported(x_MK, w_LKN):
+  ws_LKN = [w.stack.reshape(w.stack.shape[0], x_MK.shape[1], -1) for w in ws]
+  if not matvec_gpu.supported(x_MK, *ws_LKN) or any(w.layer is not ws[0].layer for w in ws):
     return None
-  return matvec_gpu.layer_matmul(x_MK, w_LKN, w.layer).reshape(*x.shape[:-k], *w.stack.shape[1 + k:])
+  ys = matvec_gpu.layer_matmuls(x_MK, ws_LKN, ws[0].layer)
+  return [y.reshape(*x.shape[:-k], *w.stack.shape[1 + k:]) for y, w in zip(ys, ws)]
 
 
 def linear(x: jax.Array, w: jax.Array | LayerWeight, subscripts: str, b: jax.Array | None = None) -> jax.Array:
   """einsum in the weights' dtype with float32 accumulation, plus an optional bias."""
-  y = _layer_matmul(x, w, subscripts) if isinstance(w, LayerWeight) else None
-  if y is None:
-    y = jnp.einsum(subscripts, x, w.get() if isinstance(w, LayerWeight) else w, preferred_element_type=jnp.float32)
-  if b is not None:
-    y = y + b.astype(jnp.float32)
-  return y.astype(x.dtype)
+  return linears(x, [w], [subscripts], [b])[0]
+
+
+def linears(x: jax.Array, ws, subscripts, biases=None) -> list[jax.Array]:
+  """[linear(x, w, s, b) for each weight]; in a decode step (LayerWeights of one layer) all of them in
+  one GEMV kernel launch where it applies, else each alone."""
+  biases = [None] * len(ws) if biases is None else biases
+  ys = _layer_matmuls(x, ws, subscripts) or [_matmul(x, w, s) for w, s in zip(ws, subscripts)]
+  return [(y if b is None else y + b.astype(jnp.float32)).astype(x.dtype) for y, b in zip(ys, biases)]
+
+
+def _matmul(x, w, subscripts):
+  ys = _layer_matmuls(x, [w], [subscripts])
+  if ys is not None:
+    return ys[0]
+  return jnp.einsum(subscripts, x, w.get() if isinstance(w, LayerWeight) else w, preferred_element_type=jnp.float32)
 
 
 def gated_mlp(x_BTD, w_gate_DF, w_up_DF, w_down_FD, act: str, b_gate_F=None, b_up_F=None, b_down_D=None):
   """down(act(gate(x)) * up(x))."""
-  gate_BTF = linear(x_BTD, w_gate_DF, "BTD,DF->BTF", b_gate_F)
-  up_BTF = linear(x_BTD, w_up_DF, "BTD,DF->BTF", b_up_F)
+  gate_BTF, up_BTF = linears(x_BTD, [w_gate_DF, w_up_DF], ["BTD,DF->BTF"] * 2, [b_gate_F, b_up_F])
   h_BTF = (ACTIVATIONS[act](gate_BTF.astype(jnp.float32)) * up_BTF.astype(jnp.float32)).astype(x_BTD.dtype)
   return linear(h_BTF, w_down_FD, "BTF,FD->BTD", b_down_D)

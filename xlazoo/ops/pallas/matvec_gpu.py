@@ -6,10 +6,12 @@ U work units (weight tiles), P blocks, Q output segments per block.
 
 A decode step scans its layers over weights stacked as w[L, K, N]; slicing w[layer] out of the stack
 makes XLA copy it before the matmul. `layer_matmul` takes the whole stack and the (traced) layer
-index and streams only w[layer]'s [K, N] block from HBM, once.
+index and streams only w[layer]'s [K, N] block from HBM, once. `layer_matmuls` does the same for
+several weights of one x (q, k and v; gate and up) in one launch: the weights' column tiles are laid
+side by side, so the small ones (k and v: 4096 x 1024) pay no launch, fill and drain of their own.
 
 Work: w[layer] is cut into U = (N / TN) x (K / TK) tiles, ordered column tile by column tile (all
-of a column tile's K tiles in a row). The grid is persistent, P blocks (one per SM), and block p
+of a column tile's K tiles in a row; with several weights, theirs one after the other). The grid is persistent, P blocks (one per SM), and block p
 takes the contiguous units [p U / P, (p + 1) U / P), so every block moves the same bytes (within
 one tile). Each block streams its tiles, with the matching [M, TK] slice of x, from HBM into
 swizzled shared memory with TMA, STAGES tiles in flight, and accumulates x @ w on the
@@ -46,16 +48,16 @@ BLOCKS_PER_SM = 1  # persistent grid: this many blocks per SM
 INTERPRET_BLOCKS = 3  # grid size in interpret mode (no SMs to count)
 
 
-def supported(x_MK: jax.Array, w_LKN: jax.Array) -> bool:
-  """Whether the kernel handles these shapes on this backend: Hopper, bf16/f16 x and w alike, M <= 64."""
-  if x_MK.ndim != 2 or w_LKN.ndim != 3:
+def supported(x_MK: jax.Array, *ws_LKN: jax.Array) -> bool:
+  """Whether the kernel handles x times these weights (one stack of L layers each) on this backend:
+  Hopper, bf16/f16 x and w alike, M <= 64."""
+  if x_MK.ndim != 2 or not ws_LKN or any(w.ndim != 3 for w in ws_LKN):
     return False
   M, K = x_MK.shape
-  _, K2, N = w_LKN.shape
-  return (
-      on_hopper() and x_MK.dtype in (jnp.bfloat16, jnp.float16) and w_LKN.dtype == x_MK.dtype
-      and 1 <= M <= R and K == K2 and K >= BLOCK_K and N >= BLOCK_N
-      and K % 8 == 0 and N % 16 == 0  # TMA sees w as whole [8, 16 or more] tiles (swizzle >= 32 bytes)
+  return on_hopper() and x_MK.dtype in (jnp.bfloat16, jnp.float16) and 1 <= M <= R and K >= BLOCK_K and K % 8 == 0 and all(
+      w.dtype == x_MK.dtype and w.shape[:2] == ws_LKN[0].shape[:2] and w.shape[1] == K and w.shape[2] >= BLOCK_N
+      and w.shape[2] % 16 == 0  # TMA sees w as whole [8, 16 or more] tiles (swizzle >= 32 bytes)
+      for w in ws_LKN
   )
 
 
@@ -63,10 +65,10 @@ def _num_sms() -> int:
   return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def _swizzle(N: int, dtype) -> int:
-  """The widest swizzle (bytes) whose tile width divides N: TMA sees w as whole [8, swizzle] tiles."""
+def _swizzle(Ns, dtype) -> int:
+  """The widest swizzle (bytes) whose tile width divides every N: TMA sees w as whole [8, swizzle] tiles."""
   itemsize = jnp.dtype(dtype).itemsize
-  return next(s for s in (128, 64, 32) if N % (s // itemsize) == 0)
+  return next(s for s in (128, 64, 32) if all(N % (s // itemsize) == 0 for N in Ns))
 
 
 def _smem(shape, dtype, swizzle):
@@ -82,9 +84,10 @@ def _interpret_params(interpret):
   return interpret or None
 
 
-def _plan(K: int, N: int, P: int, TK: int, TN: int):
-  """The static work split: units per column tile, units, segments per block, and each block's segments."""
-  KT, NT = -(-K // TK), -(-N // TN)
+def _plan(K: int, NT: int, P: int, TK: int):
+  """The static work split of NT column tiles: units per column tile, units, blocks, segments per block,
+  and each block's segments."""
+  KT = -(-K // TK)
   U = KT * NT
   P = max(1, min(P, U))
   segments = []  # (block, segment, column tile) of every partial the kernel writes
@@ -93,11 +96,13 @@ def _plan(K: int, N: int, P: int, TK: int, TN: int):
     for q, j in enumerate(range(u0 // KT, (u1 - 1) // KT + 1)):
       segments.append((p, q, j))
   Q = 1 + max(q for _, q, _ in segments)
-  return KT, NT, U, P, Q, segments
+  return KT, U, P, Q, segments
 
 
-def _kernel(layer_ref, x_ref, w_ref, out_ref, *, U, KT, TK, TN, stages, swizzle):
-  _, K, N = w_ref.shape
+def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, stages, swizzle, first_tiles):
+  """first_tiles[i]: the global column tile where weight i's columns start (and, last, the end)."""
+  w_refs, out_ref = refs[:-1], refs[-1]
+  K = w_refs[0].shape[1]
   Mp = x_ref.shape[0]
   M = out_ref.shape[2]
   P = out_ref.shape[0]
@@ -113,11 +118,19 @@ def _kernel(layer_ref, x_ref, w_ref, out_ref, *, U, KT, TK, TN, stages, swizzle)
       u = u0 + i
       j = lax.div(u, KT)
       k0 = jnp.minimum((u - j * KT) * TK, K - TK)  # the last K tile moved back inside K (x zeroed there)
-      n0 = jnp.minimum(j * TN, N - TN)  # the last column tile moved back inside N
       slot = lax.rem(i, jnp.int32(stages))
       x_dst = x_smem.at[slot] if Mp == R else x_smem.at[slot, pl.ds(0, Mp)]
       plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds((u - j * KT) * TK, TK)], x_dst, x_bar.at[slot])
-      plgpu.copy_gmem_to_smem(w_ref.at[layer, pl.ds(k0, TK), pl.ds(n0, TN)], w_smem.at[slot], w_bar.at[slot])
+      for w_ref, j0, j1 in zip(w_refs, first_tiles[:-1], first_tiles[1:]):
+
+        def fetch_w(w_ref=w_ref, j0=j0):
+          n0 = jnp.minimum((j - j0) * TN, w_ref.shape[2] - TN)  # the last column tile moved back inside N
+          plgpu.copy_gmem_to_smem(w_ref.at[layer, pl.ds(k0, TK), pl.ds(n0, TN)], w_smem.at[slot], w_bar.at[slot])
+
+        if len(w_refs) == 1:
+          fetch_w()
+        else:
+          pl.when((j >= j0) & (j < j1))(fetch_w)
 
     for i in range(stages - 1):
       pl.when(i < n)(functools.partial(fetch, i))
@@ -152,7 +165,7 @@ def _kernel(layer_ref, x_ref, w_ref, out_ref, *, U, KT, TK, TN, stages, swizzle)
   pl.run_scoped(
       pipeline,
       _smem((stages, R, TK), x_ref.dtype, swizzle),
-      _smem((stages, TK, TN), w_ref.dtype, swizzle),
+      _smem((stages, TK, TN), x_ref.dtype, swizzle),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.SMEM((R, TN), jnp.float32),
@@ -168,19 +181,24 @@ def _layout_x(x_MK, KT: int, TK: int):
   return jnp.pad(x_MK, ((0, Mp - M), (0, 0)))
 
 
-def _combine(out_PQMN, segments, NT: int, N: int):
-  """Adds each column tile's partials (one gather-and-sum) and lays the tiles out along N (the last ends at N)."""
+def _combine(out_PQMN, segments, Ns, first_tiles):
+  """Adds each column tile's partials (one gather-and-sum) and lays each weight's tiles out along its N
+  (its last tile ends at N)."""
   P, Q, M, TN = out_PQMN.shape
-  by_tile = [[] for _ in range(NT)]
+  by_tile = [[] for _ in range(first_tiles[-1])]
   for p, q, j in segments:
     by_tile[j].append(p * Q + q)
   C = max(len(rows) for rows in by_tile)
   rows_JC = np.array([rows + [P * Q] * (C - len(rows)) for rows in by_tile], np.int32)  # P Q: out of range, reads 0
   parts_JCMN = jnp.take(out_PQMN.reshape(P * Q, M, TN), rows_JC, axis=0, mode="fill", fill_value=0)
   tiles_JMN = parts_JCMN.sum(axis=1)
-  y_MN = jnp.transpose(tiles_JMN[: NT - 1], (1, 0, 2)).reshape(M, (NT - 1) * TN)
-  last_MN = tiles_JMN[NT - 1][:, (NT - 1) * TN - (N - TN) :]
-  return jnp.concatenate([y_MN, last_MN], axis=1)
+  ys = []
+  for N, j0, j1 in zip(Ns, first_tiles[:-1], first_tiles[1:]):
+    NT = j1 - j0
+    y_MN = jnp.transpose(tiles_JMN[j0 : j1 - 1], (1, 0, 2)).reshape(M, (NT - 1) * TN)
+    last_MN = tiles_JMN[j1 - 1][:, (NT - 1) * TN - (N - TN) :]
+    ys.append(jnp.concatenate([y_MN, last_MN], axis=1))
+  return ys
 
 
 def layer_matmul(x_MK: jax.Array, w_LKN: jax.Array, layer, *, interpret=False) -> jax.Array:
@@ -190,30 +208,40 @@ def layer_matmul(x_MK: jax.Array, w_LKN: jax.Array, layer, *, interpret=False) -
   `layer` is an int or an int32 scalar (may be traced; clamped to [0, L) as indexing does).
   `interpret`: True (or an InterpretGPUParams) runs the kernel in Mosaic GPU interpret mode.
   """
-  return _layer_matmul(x_MK, w_LKN, layer, interpret=interpret)
+  return _layer_matmuls(x_MK, [w_LKN], layer, interpret=interpret)[0]
 
 
-def _layer_matmul(x_MK, w_LKN, layer, *, interpret=False, block_n=None, block_k=None, stages=None, blocks=None):
-  """`layer_matmul` with its tiling open to tuning (None: the module's settings)."""
+def layer_matmuls(x_MK: jax.Array, ws_LKN, layer, *, interpret=False) -> list[jax.Array]:
+  """[x @ w[layer] for w in ws_LKN] (float32) in one kernel launch; the weights share L and K."""
+  return _layer_matmuls(x_MK, list(ws_LKN), layer, interpret=interpret)
+
+
+def _layer_matmuls(x_MK, ws_LKN, layer, *, interpret=False, block_n=None, block_k=None, stages=None, blocks=None):
+  """`layer_matmuls` with its tiling open to tuning (None: the module's settings)."""
   TN, TK = block_n or BLOCK_N, block_k or BLOCK_K
   stages = stages or STAGES
   M, K = x_MK.shape
-  L, K2, N = w_LKN.shape
-  if not 1 <= M <= R or K != K2 or K < TK or K % 8 or N < TN or N % 16 or TN % 64 or TK % 64:
-    raise ValueError(f"layer_matmul kernel: unsupported shapes x {x_MK.shape}, w {w_LKN.shape} (tiles {TK}x{TN})")
-  if x_MK.dtype != w_LKN.dtype or x_MK.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"layer_matmul kernel: x and w must both be bf16 or f16, got {x_MK.dtype}, {w_LKN.dtype}")
+  L = ws_LKN[0].shape[0]
+  Ns = [w.shape[2] for w in ws_LKN]
+  shapes = f"x {x_MK.shape}, w {' '.join(str(w.shape) for w in ws_LKN)} (tiles {TK}x{TN})"
+  if not 1 <= M <= R or K < TK or K % 8 or TN % 64 or TK % 64 or any(
+      w.shape[:2] != (L, K) or w.shape[2] < TN or w.shape[2] % 16 for w in ws_LKN):
+    raise ValueError(f"layer_matmul kernel: unsupported shapes {shapes}")
+  if x_MK.dtype not in (jnp.bfloat16, jnp.float16) or any(w.dtype != x_MK.dtype for w in ws_LKN):
+    raise ValueError(f"layer_matmul kernel: x and w must be bf16 or f16 alike, got {x_MK.dtype}, {[str(w.dtype) for w in ws_LKN]}")
   if blocks is None:
     blocks = INTERPRET_BLOCKS if interpret else BLOCKS_PER_SM * _num_sms()
-  KT, NT, U, P, Q, segments = _plan(K, N, blocks, TK, TN)
+  first_tiles = tuple(np.cumsum([0] + [-(-N // TN) for N in Ns]).tolist())
+  KT, U, P, Q, segments = _plan(K, first_tiles[-1], blocks, TK)
   x_MpKp = _layout_x(x_MK, KT, TK)
   layer_1 = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1).reshape(1)
-  kernel = functools.partial(_kernel, U=U, KT=KT, TK=TK, TN=TN, stages=stages, swizzle=_swizzle(N, w_LKN.dtype))
+  kernel = functools.partial(_kernel, U=U, KT=KT, TK=TK, TN=TN, stages=stages, swizzle=_swizzle(Ns, x_MK.dtype),
+                             first_tiles=first_tiles)
   out_PQMN = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((P, Q, M, TN), jnp.float32),
       grid=(P,),
       grid_names=("p",),
       interpret=_interpret_params(interpret),
-  )(layer_1, x_MpKp, w_LKN)
-  return _combine(out_PQMN, segments, NT, N)
+  )(layer_1, x_MpKp, *ws_LKN)
+  return _combine(out_PQMN, segments, Ns, first_tiles)
