@@ -230,3 +230,30 @@ def test_throughput(M, K, N):
     seconds = _time(jax.jit(lambda x, w, matmul=matmul: _scan_layers(matmul, x, w)), x_MK, w_LKN)
     line.append(f"{name} {seconds / L * 1e6:.1f} us/layer {nbytes / seconds / 1e12:.2f} TB/s;")
   print(" ".join(line))
+
+
+def test_linears_send_one_layers_weights_to_one_launch(monkeypatch):
+  """mlp.linears in a decode step: q, k, v as LayerWeights of [L, D, N, H] stacks go to one layer_matmuls
+  launch (on a CPU too, with the kernel interpreted) and give what the einsums on w[layer] give, biases added."""
+  from xlazoo.ops.mlp import LayerWeight, linear, linears
+
+  launches = []
+
+  def spy(x_MK, ws_LKN, layer):
+    launches.append(len(ws_LKN))
+    return matvec_gpu._layer_matmuls(x_MK, list(ws_LKN), layer, interpret=INTERPRET)
+
+  monkeypatch.setattr(matvec_gpu, "supported", lambda x_MK, *ws: True)
+  monkeypatch.setattr(matvec_gpu, "layer_matmuls", spy)
+  ks = jax.random.split(jax.random.key(3), 5)
+  x_BTD = jax.random.normal(ks[0], (2, 1, 128), jnp.bfloat16)
+  stacks = [jax.random.normal(k, (3, 128) + s, jnp.bfloat16) for k, s in zip(ks[1:], [(4, 32), (2, 64), (2, 64)])]
+  biases = [None, jax.random.normal(ks[4], (2, 64), jnp.bfloat16), None]
+  subs = ["BTD,DNH->BTNH", "BTD,DKH->BTKH", "BTD,DKH->BTKH"]
+  layer = jnp.int32(1)
+  outs = linears(x_BTD, [LayerWeight(w, layer) for w in stacks], subs, biases)
+  assert launches == [3]
+  for out, w, sub, b in zip(outs, stacks, subs, biases):
+    want = linear(x_BTD.astype(jnp.float32), w[1].astype(jnp.float32), sub, None if b is None else b.astype(jnp.float32))
+    assert out.shape == want.shape and out.dtype == jnp.bfloat16
+    assert _rel_err(out, want) < TOL
