@@ -5,11 +5,11 @@ H head dim, M = 64 rows of a wgmma tile (the G query heads of one kv head, zero-
 T cache slots per KV tile (S is a multiple of T), P splits of the S axis.
 
 Flash-decoding: the grid is (B, K, P). Row b's visible slots ([max(0, lengths[b] - window), lengths[b]),
-all slots before lengths[b] when window <= 0) are cut into P splits of whole tiles, sized per row, so
-every block of a short row has as little work as every block of a long one has much, and no block
-idles while others stream (a split size fixed from S left most blocks of the short rows empty and
-the GPU in a partial last wave). Block (b, k, p) streams the KV tiles of split p of row b
-from HBM into shared memory with TMA, STAGES tiles in flight, and runs an online
+all slots before lengths[b] when window <= 0) are cut into P splits of whole tiles, sized per row:
+each row's work is spread over all P of its blocks, so no block idles while others stream (a split
+size fixed from S left most blocks of the short rows empty and the GPU in a partial last wave).
+Block (b, k, p) streams the KV tiles of split p of row b from HBM into shared memory with TMA,
+STAGES tiles in flight, and runs an online
 softmax on them: scores = [M, H] x [H, T] and output += [M, T] x [T, H] on the tensor cores (wgmma),
 so each K/V byte is read once for all G query heads. A block with no visible slot loads nothing.
 Each block writes its normalised float32 output and log-sum-exp; `_combine` (jnp) merges the splits.
