@@ -13,12 +13,12 @@ side by side, so the small ones (k and v: 4096 x 1024) pay no launch, fill and d
 Work: w[layer] is cut into U = (N / TN) x (K / TK) tiles, ordered column tile by column tile (all of a
 column tile's K tiles in a row; with several weights, theirs one after the other). The grid is
 persistent, P blocks (one per SM), and block p takes the contiguous units [p U / P, (p + 1) U / P), so
-every block moves the same bytes (within one tile). Each block streams its tiles, with the matching [M,
-TK] slice of x, from HBM into swizzled shared memory with TMA, STAGES tiles in flight, and accumulates x
-@ w on the tensor cores (wgmma, x padded to R = 64 rows in shared memory; only its first round_up(M, 8)
-rows are loaded). A block's units cover at most Q column tiles; for each one (a segment) it writes its
-float32 partial [M, TN] to out[p, q]; `_combine` (jnp, small) adds the partials of each column tile. The
-TMA pipeline runs across segment boundaries.
+every block moves the same bytes (within one tile). Each block streams its tiles, with the matching
+[M, TK] slice of x, from HBM into swizzled shared memory with TMA, STAGES tiles in flight, and
+accumulates x @ w on the tensor cores (wgmma, x padded to R = 64 rows in shared memory; only its first
+round_up(M, 8) rows are loaded). A block's units cover at most Q column tiles; for each one (a
+segment) it writes its float32 partial [M, TN] to out[p, q]; `_combine` (jnp, small) adds the partials
+of each column tile. The TMA pipeline runs across segment boundaries.
 
 Ragged edges: tiles never leave w[layer]. The last column tile starts at N - TN (overlapping the one
 before; both compute the same columns, `_combine` keeps one), and the last K tile starts at K - TK,
