@@ -1,5 +1,6 @@
-"""Attention, bfloat16: xlazoo's dispatch and its Mosaic GPU flash kernel beside cuDNN (PyTorch SDPA and jax.nn), FlashAttention-2 (PyTorch SDPA),
-tokamax's Mosaic kernel and plain XLA, on the same inputs, each checked against a float32 reference.
+"""Attention, bfloat16: xlazoo's dispatch and its Mosaic GPU flash kernel beside cuDNN (PyTorch SDPA and
+jax.nn), FlashAttention-2 (PyTorch SDPA), tokamax's Mosaic kernel and plain XLA, on the same inputs, each
+checked against a float32 reference.
 
 - causal prefill: --seq tokens, 32 query heads x 128, 8 kv heads (GQA), batch 1; forward and forward+backward;
 - Gemma-2 style: the same with a sliding window of 4096 and logit soft-cap 50 (cuDNN has no soft-cap);
@@ -88,15 +89,17 @@ def prefill_table(T: int, iters: int, ceil, window=0, softcap=None):
     notes.append(f"{name}: relative error vs float32 {err:.1e}")
     timers[name] = (lambda fj=fj: bench.median_time(lambda: fj(q, k, v), iters=iters, repeat=5),
                     lambda bwd=bwd: bench.median_time(lambda: bwd(q, k, v), iters=iters, repeat=3))
-  for name, f in torch_variants(window, softcap).items():
+  torch_fns = torch_variants(window, softcap)
+  if torch_fns:
     import torch
 
     from benchmarks.common import to_torch
 
     tq, tk, tv, tg = (to_torch(x).transpose(1, 2).requires_grad_() for x in (q, k, v, g))
+  for name, f in torch_fns.items():
 
     def fb(f=f):
-      (f(tq, tk, tv) * tg).sum().backward()  # noqa: B023
+      (f(tq, tk, tv) * tg).sum().backward()
 
     try:
       o = f(tq, tk, tv)
@@ -109,7 +112,7 @@ def prefill_table(T: int, iters: int, ceil, window=0, softcap=None):
 
     def fwd(f=f):
       with torch.no_grad():
-        return torch_time(lambda: f(tq, tk, tv), iters=iters, repeat=5)  # noqa: B023
+        return torch_time(lambda: f(tq, tk, tv), iters=iters, repeat=5)
 
     timers[name] = (fwd, lambda fb=fb: torch_time(fb, iters=iters, repeat=3))
   # Interleaved rounds, the faster round kept: a clock or power dip during one variant's turn does not

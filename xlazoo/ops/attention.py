@@ -60,11 +60,12 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window: jax.Array 
   if attention_tpu.supported(q_BTNH, k_BTKH, window=window, softcap=softcap):
     return attention_tpu.flash_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, window=window, softcap=softcap)
   flash = attention_gpu.supported(q_BTNH, k_BTKH, window=window, softcap=softcap)
-  if flash and _cudnn_ok(q_BTNH, window, softcap):
+  cudnn = _cudnn_ok(q_BTNH, window, softcap)
+  if flash and cudnn:
     return _flash_cudnn_grad(q_BTNH, k_BTKH, v_BTKH, scale, window)
   if flash:
     return attention_gpu.flash_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, window=window, softcap=softcap)
-  if _cudnn_ok(q_BTNH, window, softcap):
+  if cudnn:
     return _cudnn(q_BTNH, k_BTKH, v_BTKH, scale, window)
   return causal_reference(q_BTNH, k_BTKH, v_BTKH, scale=scale, window=window, softcap=softcap)
 
