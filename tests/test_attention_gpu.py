@@ -15,57 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.mosaic_gpu import AVAILABLE, INTERPRET, ON_GPU
 from xlazoo.ops.attention import attention, causal_attention
 from xlazoo.ops.pallas import attention_gpu
 
-ON_GPU = jax.default_backend() == "gpu"
-
-try:  # The Mosaic GPU interpreter has no public entry point in JAX 0.10.
-  from jax._src.pallas.mosaic.interpret import thread_map as _thread_map
-  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import (
-    reset_gpu_interpret_mode_state,
-  )
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-except ImportError:
-  InterpretGPUParams = None
-
-if not ON_GPU and InterpretGPUParams is None:
+if not AVAILABLE:
   pytest.skip("no GPU and no Mosaic GPU interpreter in this JAX", allow_module_level=True)
 
-INTERPRET = False if ON_GPU else InterpretGPUParams()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _compile_thread_programs_once():
-  """The interpreter compiles each simulated warpgroup's program afresh at every grid point (JAX 0.10:
-  a new jax.jit per call defeats its cache), which makes these tests 5x slower; compile once per program."""
-  if ON_GPU or not hasattr(_thread_map, "_run_jaxpr"):
-    yield
-    return
-  import threading
-
-  original, compiled, lock = _thread_map._run_jaxpr, {}, threading.Lock()
-
-  def run(jaxpr, consts, *args):
-    with lock:
-      if jaxpr not in compiled:
-        compiled[jaxpr] = jax.jit(_eval, static_argnums=(0,)).trace(jaxpr, consts, *args).lower().compile()
-    compiled[jaxpr](consts, *args)
-
-  _thread_map._run_jaxpr = run
-  yield
-  _thread_map._run_jaxpr = original
-
-
-def _eval(jaxpr, consts, *args):
-  jax.core.eval_jaxpr(jaxpr, consts, *args)
-
-
-@pytest.fixture(autouse=True)
-def _reset_interpreter():
-  yield
-  if not ON_GPU:
-    reset_gpu_interpret_mode_state()  # after a failure the interpreter's shared state is left dirty
+pytestmark = pytest.mark.usefixtures("mosaic_gpu_interpreter")
 
 
 def _rel(x, ref):

@@ -16,8 +16,12 @@ Groups: heads n = g R + r share B and C of group g. B and C stay [.., G, Q] and 
 the einsums; they are never repeated to N heads.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from xlazoo.ops.pallas import ssd_gpu
 
 f32 = jnp.float32
 
@@ -44,8 +48,45 @@ def ssd(
 ) -> tuple[jax.Array, jax.Array]:
   """y [B, T, N, P] (float32) and the final state [B, N, P, Q] (float32), from an optional initial state.
 
-  Any T works: the tail is padded to a whole chunk with dt = 0, which leaves the state unchanged.
+  Any T works: the tail is padded to a whole chunk with dt = 0, which leaves the state unchanged. On a
+  Hopper GPU the forward runs the fused Pallas scan (`ssd_gpu`) where it applies, and its gradient is
+  the einsum graph's; elsewhere it is `ssd_reference`.
   """
+  if ssd_gpu.ENABLED and ssd_gpu.supported(x_BTNP, B_BTGQ):
+    if state_BNPQ is None:
+      state_BNPQ = jnp.zeros((x_BTNP.shape[0], *x_BTNP.shape[2:], B_BTGQ.shape[3]), f32)
+    return _ssd_kernel(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ, chunk)
+  return ssd_reference(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, chunk=chunk, state_BNPQ=state_BNPQ)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _ssd_kernel(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ, chunk):
+  return ssd_gpu.ssd(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ)
+
+
+def _ssd_kernel_fwd(*args):
+  return _ssd_kernel(*args), args[:6]
+
+
+def _ssd_kernel_bwd(chunk, inputs, grads):
+  _, vjp = jax.vjp(lambda *a: ssd_reference(*a[:5], chunk=chunk, state_BNPQ=a[5]), *inputs)
+  return vjp(grads)
+
+
+_ssd_kernel.defvjp(_ssd_kernel_fwd, _ssd_kernel_bwd)
+
+
+def ssd_reference(
+    x_BTNP: jax.Array,
+    dt_BTN: jax.Array,
+    A_N: jax.Array,
+    B_BTGQ: jax.Array,
+    C_BTGQ: jax.Array,
+    *,
+    chunk: int,
+    state_BNPQ: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """`ssd` as einsums over chunks of `chunk` tokens (see the module docstring)."""
   Bsz, T, N, P = x_BTNP.shape
   G, Q = B_BTGQ.shape[2:]
   R = N // G

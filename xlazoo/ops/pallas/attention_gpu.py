@@ -25,9 +25,8 @@ Ragged T is padded to a multiple of 128 with zeros: a padded key is only visible
 a padded query has dO = 0, so neither changes any real output or gradient.
 
 Interpret mode (`interpret=` Mosaic GPU interpret params, e.g. InterpretGPUParams()) runs the same
-kernels on the CPU: the same warpgroups, barriers, TMA copies, loop bounds and masks. The interpreter of
-JAX 0.10 cannot run wgmma with a transposed operand or a register operand, nor layout casts, so there
-(and only there) `_Ops` does the matrix products with jnp.dot on the SMEM tiles and skips layout casts.
+kernels on the CPU: the same warpgroups, barriers, TMA copies, loop bounds and masks (the matrix products
+there are jnp.dot on the SMEM tiles: see `hopper.Ops`).
 """
 
 import functools
@@ -42,8 +41,8 @@ import numpy as np
 from jax import lax
 
 from xlazoo.ops.pallas import on_hopper
+from xlazoo.ops.pallas.hopper import ROWS, Ops, produce, ring_slot, tile
 
-ROWS = 64  # rows of a tile owned by one consumer warpgroup (the M of its wgmmas)
 BLOCK = 128  # tile of a CTA: 2 consumers x ROWS; also the forward's KV block
 STEP = 64  # backward: the query block streamed by dK/dV, the key block streamed by dQ
 LOG2E = math.log2(math.e)
@@ -125,50 +124,6 @@ def _pad(x, multiple):
 # Pieces shared by the kernels.
 
 
-class _Ops:
-  """The operations whose form differs between the Mosaic GPU lowering and its CPU interpreter."""
-
-  def __init__(self, interpret):
-    self.interpret = interpret is not None
-
-  def layout(self, x, layout):
-    return x if self.interpret else plgpu.layout_cast(x, layout)
-
-  def zeros(self, shape):
-    return self.layout(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-
-  def full_rows(self, value):
-    return self.layout(jnp.full((ROWS,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-
-  def iota(self, shape, dim):
-    if self.interpret:
-      return lax.broadcasted_iota(jnp.int32, shape, dim)
-    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-  def vector(self, ref, dim):
-    """A float32 SMEM vector laid out along dimension `dim` of a [ROWS, X] wgmma tile."""
-    if self.interpret:
-      return ref[...]
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
-
-  def mma(self, nt=(), acc=()):
-    """[a @ b.T for (a, b) in nt] (SMEM a, b) and [c + a @ b for (c, a, b) in acc] (register a, SMEM b),
-    in float32. On the GPU all of them issue as wgmmas before one wait."""
-    if self.interpret:
-      dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
-      return [dot(a[...], b[...].T) for a, b in nt], [c + dot(a, b[...]) for c, a, b in acc]
-
-    def body(refs):
-      for ref, (a, b) in zip(refs[: len(nt)], nt):
-        plgpu.wgmma(ref, a, plgpu.transpose_ref(b, (1, 0)))
-      for ref, (_, a, b) in zip(refs[len(nt):], acc):
-        plgpu.wgmma(ref, a, b)
-
-    init = [self.zeros((a.shape[0], b.shape[0])) for a, b in nt] + [c for c, _, _ in acc]
-    out = pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in init))
-    return list(out[: len(nt)]), list(out[len(nt):])
-
-
 def _window(w_ref, cfg):
   """The window as the kernels use it: None (no window), a Python int, or a traced int32 scalar."""
   if cfg.window is None:
@@ -229,40 +184,8 @@ def _split_loop(lo, a, b, hi, body, carry):
   return lax.fori_loop(b, hi, functools.partial(body, masked=True), carry)
 
 
-def _slot(t, stages):
-  return lax.rem(t, jnp.int32(stages))
-
-
-def _produce(streams, n, stages):
-  """The producer's loop: block t of every stream (src(t): GMEM ref, smem ring, ready, free) goes to slot
-  t % stages once the consumers freed that slot. The final waits observe the last frees, so that every
-  barrier phase is waited for (mbarrier parity tracking) and no copy outlives the CTA's use of SMEM."""
-
-  @pl.loop(0, n)
-  def _(t):
-    slot = _slot(t, stages)
-    for src, smem, ready, free in streams:
-      @pl.when(t >= stages)
-      def _():
-        plgpu.barrier_wait(free.at[slot])
-
-      plgpu.copy_gmem_to_smem(src(t), smem.at[slot], ready.at[slot])
-
-  @pl.loop(jnp.maximum(n - stages, 0), n)
-  def _(t):
-    for *_, free in streams:
-      plgpu.barrier_wait(free.at[_slot(t, stages)])
-
-
 def _stages(fixed_bytes, per_stage_bytes):
   return int(max(2, min(3, (SMEM_BYTES - fixed_bytes) // per_stage_bytes)))
-
-
-def _tile(shape, dtype):
-  """SMEM tiles in the layout wgmma and TMA want: (8, 128 bytes) tiles, 128-byte swizzle."""
-  swizzle = 128
-  tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
-  return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
 
 
 def _call(body, name, operands, out_type, grid, grid_names, scratch, cfg):
@@ -290,7 +213,7 @@ def _forward(q_BTNH, k_BTKH, v_BTKH, w_1, cfg):
   K, dtype, nq = k_BTKH.shape[2], q_BTNH.dtype, T // BLOCK
   size = jnp.dtype(dtype).itemsize
   stages = _stages(BLOCK * H * size, 2 * BLOCK * H * size)
-  ops = _Ops(cfg.interpret)
+  ops = Ops(cfg.interpret)
 
   def kernel(*refs, qo, k, v, lse, q_bar, k_bar, v_bar, k_free, v_free, turn):
     w_ref, (q_ref, k_ref, v_ref, o_ref, lse_ref) = _unpack(refs, cfg)
@@ -306,14 +229,14 @@ def _forward(q_BTNH, k_BTKH, v_BTKH, w_1, cfg):
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_lo + i * ROWS, ROWS), n], qo.at[i], q_bar.at[i])
       kh = _div(n, N // K)
       blocks = lambda ref: lambda t: ref.at[b, pl.ds((lo + t) * BLOCK, BLOCK), kh]
-      _produce([(blocks(k_ref), k, k_bar, k_free), (blocks(v_ref), v, v_bar, v_free)], hi - lo, stages)
+      produce([(blocks(k_ref), k, k_bar, k_free), (blocks(v_ref), v, v_bar, v_free)], hi - lo, stages)
 
     @pl.when(wg < 2)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
       row0 = q_lo + wg * ROWS
       q_smem = qo.at[wg]
-      slot = lambda j: _slot(j - lo, stages)
+      slot = lambda j: ring_slot(j - lo, stages)
 
       def gemms(nt=(), acc=()):
         # Ping-pong: issue the GEMMs only while holding the turn, hand it over once they are done.
@@ -341,7 +264,7 @@ def _forward(q_BTNH, k_BTKH, v_BTKH, w_1, cfg):
       # Prologue: S_lo = Q K_lo^T.
       # Block lo sits in slot(lo) = 0, a traced index: JAX 0.11 cannot lower a constant one inside ops.mma.
       plgpu.barrier_wait(k_bar.at[slot(lo)])
-      (s,), _ = gemms(nt=[(q_smem, k.at[slot(lo)])])
+      s, = gemms(nt=[(q_smem, k.at[slot(lo)])])
       plgpu.barrier_arrive(k_free.at[slot(lo)])
       state = softmax(s, lo, ops.full_rows(M_INIT), ops.full_rows(0.0), ops.zeros((ROWS, H)), masked=True)
 
@@ -351,7 +274,7 @@ def _forward(q_BTNH, k_BTKH, v_BTKH, w_1, cfg):
         cur, prev = slot(j), slot(j - 1)
         plgpu.barrier_wait(k_bar.at[cur])
         plgpu.barrier_wait(v_bar.at[prev])
-        (s,), (acc,) = gemms(nt=[(q_smem, k.at[cur])], acc=[(acc, p, v.at[prev])])
+        s, acc = gemms(nt=[(q_smem, k.at[cur])], acc=[(acc, p, v.at[prev])])
         plgpu.barrier_arrive(k_free.at[cur])
         plgpu.barrier_arrive(v_free.at[prev])
         return softmax(s, j, m, l, acc, masked)
@@ -360,7 +283,7 @@ def _forward(q_BTNH, k_BTKH, v_BTKH, w_1, cfg):
       # Epilogue: the last block's P V.
       last = slot(hi - 1)
       plgpu.barrier_wait(v_bar.at[last])
-      _, (acc,) = gemms(acc=[(acc, p, v.at[last])])
+      acc, = gemms(acc=[(acc, p, v.at[last])])
       plgpu.barrier_arrive(v_free.at[last])
 
       @pl.when(wg == 0)
@@ -375,9 +298,9 @@ def _forward(q_BTNH, k_BTKH, v_BTKH, w_1, cfg):
       plgpu.commit_smem_to_gmem_group()
       plgpu.wait_smem_to_gmem(0)
 
-  ring = lambda: _tile((stages, BLOCK, H), dtype)
+  ring = lambda: tile((stages, BLOCK, H), dtype)
   scratch = dict(
-      qo=_tile((2, ROWS, H), dtype), k=ring(), v=ring(), lse=plgpu.SMEM((2, ROWS), jnp.float32),
+      qo=tile((2, ROWS, H), dtype), k=ring(), v=ring(), lse=plgpu.SMEM((2, ROWS), jnp.float32),
       q_bar=plgpu.Barrier(num_barriers=2), k_bar=plgpu.Barrier(num_barriers=stages),
       v_bar=plgpu.Barrier(num_barriers=stages), k_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       v_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages), turn=plgpu.Barrier(num_barriers=2),
@@ -403,7 +326,7 @@ def _backward_dq(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg):
   K, dtype, nq = k_BTKH.shape[2], q_BTNH.dtype, T // BLOCK
   size = jnp.dtype(dtype).itemsize
   stages = _stages(2 * BLOCK * H * size, 2 * STEP * H * size)
-  ops = _Ops(cfg.interpret)
+  ops = Ops(cfg.interpret)
 
   def kernel(*refs, q, do, lse, delta, k, v, q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, k_free, v_free):
     w_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref) = _unpack(refs, cfg)
@@ -423,7 +346,7 @@ def _backward_dq(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg):
         plgpu.copy_gmem_to_smem(delta_ref.at[b, n, rows], delta.at[i], delta_bar.at[i])
       kh = _div(n, N // K)
       blocks = lambda ref: lambda t: ref.at[b, pl.ds((lo + t) * STEP, STEP), kh]
-      _produce([(blocks(k_ref), k, k_bar, k_free), (blocks(v_ref), v, v_bar, v_free)], hi - lo, stages)
+      produce([(blocks(k_ref), k, k_bar, k_free), (blocks(v_ref), v, v_bar, v_free)], hi - lo, stages)
 
     @pl.when(wg < 2)
     def _consumer():
@@ -434,10 +357,10 @@ def _backward_dq(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg):
       lse_r, delta_r = ops.vector(lse.at[wg], 0), ops.vector(delta.at[wg], 0)
 
       def body(j, dq, masked):
-        slot = _slot(j - lo, stages)
+        slot = ring_slot(j - lo, stages)
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(v_bar.at[slot])
-        (s, dp), _ = ops.mma(nt=[(q.at[wg], k.at[slot]), (do.at[wg], v.at[slot])])
+        s, dp = ops.mma(nt=[(q.at[wg], k.at[slot]), (do.at[wg], v.at[slot])])
         plgpu.barrier_arrive(v_free.at[slot])
         x, c = _logits(s, cfg)
         th = None if cfg.softcap is None else x
@@ -445,7 +368,7 @@ def _backward_dq(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg):
           x = _mask(x, row0 + ops.iota(x.shape, 0), j * STEP + ops.iota(x.shape, 1), w)
         p = jnp.exp2(x * c - lax.broadcast_in_dim(lse_r, x.shape, [0]))
         ds = _ds(p, dp, lax.broadcast_in_dim(delta_r, x.shape, [0]), th)
-        _, (dq,) = ops.mma(acc=[(dq, ds.astype(dtype), k.at[slot])])
+        dq, = ops.mma(acc=[(dq, ds.astype(dtype), k.at[slot])])
         plgpu.barrier_arrive(k_free.at[slot])
         return dq
 
@@ -455,10 +378,10 @@ def _backward_dq(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg):
       plgpu.copy_smem_to_gmem(q.at[wg], dq_ref.at[b, pl.ds(row0, ROWS), n])
       plgpu.wait_smem_to_gmem(0)
 
-  ring = lambda: _tile((stages, STEP, H), dtype)
+  ring = lambda: tile((stages, STEP, H), dtype)
   pair = lambda: plgpu.Barrier(num_barriers=2)
   scratch = dict(
-      q=_tile((2, ROWS, H), dtype), do=_tile((2, ROWS, H), dtype), lse=plgpu.SMEM((2, ROWS), jnp.float32),
+      q=tile((2, ROWS, H), dtype), do=tile((2, ROWS, H), dtype), lse=plgpu.SMEM((2, ROWS), jnp.float32),
       delta=plgpu.SMEM((2, ROWS), jnp.float32), k=ring(), v=ring(), q_bar=pair(), do_bar=pair(),
       lse_bar=pair(), delta_bar=pair(), k_bar=plgpu.Barrier(num_barriers=stages),
       v_bar=plgpu.Barrier(num_barriers=stages), k_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
@@ -475,7 +398,7 @@ def _backward_dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg)
   G, nk, nq = N // K, T // BLOCK, T // STEP
   size = jnp.dtype(dtype).itemsize
   stages = _stages(2 * BLOCK * H * size, 2 * STEP * (H * size + 4))
-  ops = _Ops(cfg.interpret)
+  ops = Ops(cfg.interpret)
   streams = ("q", "do", "lse", "delta")
 
   def kernel(*refs, k, v, k_bar, v_bar, **ring):
@@ -500,7 +423,7 @@ def _backward_dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg)
         return ref.at[b, rows, n] if per_token else ref.at[b, n, rows]
 
       gmem = dict(q=(q_ref, True), do=(do_ref, True), lse=(lse_ref, False), delta=(delta_ref, False))
-      _produce([(functools.partial(src, *gmem[x]), ring[x], ring[x + "_bar"], ring[x + "_free"]) for x in streams],
+      produce([(functools.partial(src, *gmem[x]), ring[x], ring[x + "_bar"], ring[x + "_free"]) for x in streams],
                G * nb, stages)
 
     @pl.when(wg < 2)
@@ -513,10 +436,10 @@ def _backward_dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg)
       def body(i, carry, masked, g):
         # Rows of these tiles are keys, columns are queries: S^T, P^T, dP^T, dS^T.
         dk, dv = carry
-        slot = _slot(g * nb + i - lo, stages)
+        slot = ring_slot(g * nb + i - lo, stages)
         for x in streams:
           plgpu.barrier_wait(ring[x + "_bar"].at[slot])
-        (s, dp), _ = ops.mma(nt=[(k.at[wg], ring["q"].at[slot]), (v.at[wg], ring["do"].at[slot])])
+        s, dp = ops.mma(nt=[(k.at[wg], ring["q"].at[slot]), (v.at[wg], ring["do"].at[slot])])
         lse_r, delta_r = ops.vector(ring["lse"].at[slot], 1), ops.vector(ring["delta"].at[slot], 1)
         plgpu.barrier_arrive(ring["lse_free"].at[slot])
         plgpu.barrier_arrive(ring["delta_free"].at[slot])
@@ -526,7 +449,7 @@ def _backward_dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg)
           x = _mask(x, i * STEP + ops.iota(x.shape, 1), row0 + ops.iota(x.shape, 0), w)
         p = jnp.exp2(x * c - lax.broadcast_in_dim(lse_r, x.shape, [1]))
         ds = _ds(p, dp, lax.broadcast_in_dim(delta_r, x.shape, [1]), th)
-        _, (dv, dk) = ops.mma(
+        dv, dk = ops.mma(
             acc=[(dv, p.astype(dtype), ring["do"].at[slot]), (dk, ds.astype(dtype), ring["q"].at[slot])])
         plgpu.barrier_arrive(ring["q_free"].at[slot])
         plgpu.barrier_arrive(ring["do_free"].at[slot])
@@ -544,12 +467,12 @@ def _backward_dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, w_1, cfg)
       plgpu.commit_smem_to_gmem_group()
       plgpu.wait_smem_to_gmem(0)
 
-  ring = dict(q=_tile((stages, STEP, H), dtype), do=_tile((stages, STEP, H), dtype),
+  ring = dict(q=tile((stages, STEP, H), dtype), do=tile((stages, STEP, H), dtype),
               lse=plgpu.SMEM((stages, STEP), jnp.float32), delta=plgpu.SMEM((stages, STEP), jnp.float32))
   for x in streams:
     ring[x + "_bar"] = plgpu.Barrier(num_barriers=stages)
     ring[x + "_free"] = plgpu.Barrier(num_arrivals=2, num_barriers=stages)
-  scratch = dict(k=_tile((2, ROWS, H), dtype), v=_tile((2, ROWS, H), dtype), k_bar=plgpu.Barrier(num_barriers=2),
+  scratch = dict(k=tile((2, ROWS, H), dtype), v=tile((2, ROWS, H), dtype), k_bar=plgpu.Barrier(num_barriers=2),
                  v_bar=plgpu.Barrier(num_barriers=2), **ring)
   operands = _operands(w_1, q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT)
   out_type = (jax.ShapeDtypeStruct(k_BTKH.shape, dtype),) * 2
