@@ -167,6 +167,20 @@ def test_decode_step_is_constant_in_the_position(tmp_path):
   np.testing.assert_array_equal(outs[0], outs[1])  # Mamba-2 has no positions: the same token
 
 
+def test_ssd_takes_the_activations_dtype(tmp_path, monkeypatch):
+  """In a bfloat16 model the SSD's x, B and C are bfloat16 (its matmuls run on bfloat16 operands, as in
+  transformers and mamba_ssm); in a float32 model float32."""
+  from xlazoo.models import hybrid
+
+  path, seen, ssd = save(hf_ssm("mamba2"), tmp_path / "hf"), [], hybrid.ssd
+  monkeypatch.setattr(hybrid, "ssd", lambda x, dt, A, B, C, **kw: seen.append((x.dtype, B.dtype, C.dtype)) or
+                      ssd(x, dt, A, B, C, **kw))
+  for dtype in (jnp.bfloat16, jnp.float32):
+    seen.clear()
+    xlazoo.forward(xlazoo.load(path, dtype=dtype), jnp.zeros((1, 5), jnp.int32))
+    assert seen and set(seen) == {(jnp.dtype(dtype),) * 3}
+
+
 ROUNDTRIP = [("mamba2", {}), ("bamba", {"attn_layer_indices": [0, 3], "mamba_proj_bias": True}), ("nemotron_h", NEMOTRON_MOE),
              ("falcon_h1", {"mamba_rms_norm": True}), ("zamba2", {}), ("zamba2", {"tie_word_embeddings": False})]
 

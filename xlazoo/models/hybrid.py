@@ -525,7 +525,9 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B):
       n_B = lengths_B if lengths_B is not None else jnp.full((Bsz,), T, jnp.int32)
       new_conv = conv_state(xbc_BTE, n_B, W, before)
     xbc_BTE = causal_conv(xbc_BTE, p["conv_w_WE"], p.get("conv_b_E"), before)
-  xbc_BTE = jax.nn.silu(xbc_BTE)
+  # x, B and C in the activations' dtype (as transformers and mamba_ssm have them): bfloat16 operands of
+  # the SSD's matmuls in a bfloat16 model.
+  xbc_BTE = jax.nn.silu(xbc_BTE).astype(zxbcdt_BTZ.dtype)
   x_BTI, b_BTG, c_BTG = jnp.split(xbc_BTE, [I, I + G * Q], axis=-1)
   x_BTNP = x_BTI.reshape(Bsz, T, N, P)
   b_BTGQ, c_BTGQ = b_BTG.reshape(Bsz, T, G, Q), c_BTG.reshape(Bsz, T, G, Q)
