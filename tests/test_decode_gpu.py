@@ -128,3 +128,16 @@ def test_large_cache(window, softcap):
   B, S, K, G, H = 8, 32768, 8, 4, 128
   lengths = jax.random.randint(jax.random.key(1), (B,), 1, S + 1).at[0].set(1).at[1].set(S)
   _check(B, S, K, G, H, lengths, jnp.bfloat16, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("H", [64, 128])
+def test_lowers_to_mosaic_gpu(H):
+  """The compiled kernel (wgmma, register layouts, TMA of the stacked cache) lowers to Mosaic GPU, also on
+  a CPU-only machine, with a traced layer and window."""
+  S = jax.ShapeDtypeStruct
+  args = (S((2, 8, H), jnp.bfloat16), S((3, 2, 256, 2, H), jnp.bfloat16), S((3, 2, 256, 2, H), jnp.bfloat16),
+          S((2,), jnp.int32), S((), jnp.int32), S((), jnp.int32))
+  f = lambda q, k, v, lengths, layer, w: decode_gpu.decode_attention(  # noqa: E731
+      q, k, v, lengths, scale=0.1, window=w, softcap=30.0, layer=layer)
+  lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("custom_call @mosaic_gpu") == 1

@@ -61,12 +61,17 @@ def _interpret_params(interpret):
   return interpret or None
 
 
-def _kernel(layer_ref, lo_ref, hi_ref, split_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, softcap, interpret):
-  H = k_ref.shape[4]
-  T, G, dtype = BLOCK_KV, o_ref.shape[3], k_ref.dtype
+def _kernel(layer_ref, window_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, softcap, interpret):
+  S, H = k_ref.shape[2], k_ref.shape[4]
+  T, P, G, dtype = BLOCK_KV, o_ref.shape[2], o_ref.shape[3], k_ref.dtype
   b, kh, sp = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("p")
-  layer, lo, length, split = layer_ref[0], lo_ref[b], hi_ref[b], split_ref[b]
+  # Row b's visible slots [lo, length), cut into P splits of `split` slots (whole tiles) from lo's tile:
+  # computed here rather than by XLA, which would launch kernels for them in every layer of a step.
+  layer, window, length = layer_ref[0], window_ref[0], lengths_ref[b]
+  lo = jnp.where(window > 0, jnp.maximum(length - window, 0), 0)
+  length = jnp.minimum(length, S)
   base = lax.div(lo, T) * T  # splits start on a tile boundary, so no tile is read by two of them
+  split = jnp.maximum(lax.div(lax.div(length - base + T - 1, T) + P - 1, P), 1) * T
   first = jnp.maximum(lo, base + sp * split)  # this split's visible slots: [first, end)
   end = jnp.minimum(length, base + (sp + 1) * split)
   t0 = lax.div(first, T)
@@ -188,12 +193,6 @@ def decode_attention(q_BNH, k, v, lengths_B, *, scale: float, window=0, softcap:
   if not q_BNH.dtype == k.dtype == v.dtype:
     raise ValueError(f"decode_attention kernel: q, k, v dtypes differ: {q_BNH.dtype}, {k.dtype}, {v.dtype}")
   P = min(SPLITS, S // T)
-  lengths_B = lengths_B.astype(jnp.int32)
-  window = jnp.asarray(window, jnp.int32)
-  lo_B = jnp.where(window > 0, jnp.maximum(lengths_B - window, 0), 0)  # row b's visible slots: [lo, hi)
-  hi_B = jnp.minimum(lengths_B, S)
-  tiles_B = lax.div(hi_B - lax.div(lo_B, T) * T + T - 1, T)  # the tiles from lo's to hi's
-  split_B = jnp.maximum(lax.div(tiles_B + P - 1, P), 1) * T  # slots per split, whole tiles
   q_BKMH = jnp.pad(q_BNH.reshape(B, K, G, H), ((0, 0), (0, 0), (0, M - G), (0, 0)))
   kernel = functools.partial(_kernel, scale=scale, softcap=softcap, interpret=bool(interpret))
   o_BKPGH, lse_BKPM = plgpu.kernel(
@@ -202,5 +201,6 @@ def decode_attention(q_BNH, k, v, lengths_B, *, scale: float, window=0, softcap:
       grid=(B, K, P),
       grid_names=("b", "k", "p"),
       interpret=_interpret_params(interpret),
-  )(jnp.asarray(layer, jnp.int32).reshape(1), lo_B, hi_B, split_B, q_BKMH, k, v)
+  )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(window, jnp.int32).reshape(1), lengths_B.astype(jnp.int32),
+    q_BKMH, k, v)
   return _combine(o_BKPGH, lse_BKPM).astype(q_BNH.dtype)
