@@ -48,9 +48,9 @@ def ssd(
 ) -> tuple[jax.Array, jax.Array]:
   """y [B, T, N, P] (float32) and the final state [B, N, P, Q] (float32), from an optional initial state.
 
-  Any T works: the tail is padded to a whole chunk with dt = 0, which leaves the state unchanged. On a
-  Hopper GPU the forward runs the fused Pallas scan (`ssd_gpu`) where it applies, and its gradient is
-  the einsum graph's; elsewhere it is `ssd_reference`.
+  Any T works: the tail is padded to a whole chunk with dt = 0, which leaves the state unchanged. With
+  `ssd_gpu.ENABLED` (off until the kernel is timed on a GPU), a Hopper GPU runs the forward as the fused
+  Pallas scan where it applies, with the einsum graph's gradient; elsewhere this is `ssd_reference`.
   """
   if ssd_gpu.ENABLED and ssd_gpu.supported(x_BTNP, B_BTGQ):
     if state_BNPQ is None:
