@@ -41,7 +41,14 @@ import numpy as np
 from jax import lax
 
 from xlazoo.ops.pallas import on_hopper
-from xlazoo.ops.pallas.hopper import ROWS, Ops, produce, ring_slot, tile
+from xlazoo.ops.pallas.hopper import (
+  ROWS,
+  Ops,
+  interpret_params,
+  produce,
+  ring_slot,
+  tile,
+)
 
 BLOCK = 128  # tile of a CTA: 2 consumers x ROWS; also the forward's KV block
 STEP = 64  # backward: the query block streamed by dK/dV, the key block streamed by dQ
@@ -84,7 +91,7 @@ def flash_attention(q_BTNH, k_BTKH, v_BTKH, *, scale: float, window=0, softcap: 
     w_1, static = None, int(window)
   else:
     w_1, static = jnp.asarray(window, jnp.int32).reshape(1), None
-  cfg = _Cfg(float(scale), static, None if softcap is None else float(softcap), interpret or None)
+  cfg = _Cfg(float(scale), static, None if softcap is None else float(softcap), interpret_params(interpret))
   return _flash(q_BTNH, k_BTKH, v_BTKH, w_1, cfg)
 
 

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xlazoo.ops.pallas import on_hopper
+from xlazoo.ops.pallas.hopper import interpret_params, tile
 
 M = 64  # wgmma tile rows: the G query heads of a kv head, zero-padded
 BLOCK_KV = 64  # T: cache slots per KV tile
@@ -46,19 +47,6 @@ def supported(q_BNH: jax.Array, k_BSKH: jax.Array, *, window, softcap) -> bool:
       and N % K == 0 and N // K <= M and H in (64, 128, 256)
       and S >= BLOCK_KV and S % BLOCK_KV == 0  # xlazoo.generate allocates caches in multiples of 64 slots
   )
-
-
-def _smem(shape, dtype):
-  """A shared-memory buffer in the tiled, 128-byte-swizzled layout that TMA and wgmma use."""
-  minor = 128 // jnp.dtype(dtype).itemsize
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(128)))
-
-
-def _interpret_params(interpret):
-  if interpret is True:  # Mosaic GPU interpret mode: no public path to its parameters yet
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()
-  return interpret or None
 
 
 def _kernel(layer_ref, window_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, softcap, interpret):
@@ -142,10 +130,10 @@ def _kernel(layer_ref, window_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_
 
   acc_MH, m_M, l_M = pl.run_scoped(
       attend,
-      _smem((M, H), dtype),
-      _smem((STAGES, T, H), dtype),
-      _smem((STAGES, T, H), dtype),
-      _smem((M, T), dtype),
+      tile((M, H), dtype),
+      tile((STAGES, T, H), dtype),
+      tile((STAGES, T, H), dtype),
+      tile((M, T), dtype),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_barriers=STAGES),
       plgpu.Barrier(num_barriers=STAGES),
@@ -200,7 +188,7 @@ def decode_attention(q_BNH, k, v, lengths_B, *, scale: float, window=0, softcap:
       out_type=(jax.ShapeDtypeStruct((B, K, P, G, H), jnp.float32), jax.ShapeDtypeStruct((B, K, P, M), jnp.float32)),
       grid=(B, K, P),
       grid_names=("b", "k", "p"),
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
   )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(window, jnp.int32).reshape(1), lengths_B.astype(jnp.int32),
     q_BKMH, k, v)
   return _combine(o_BKPGH, lse_BKPM).astype(q_BNH.dtype)

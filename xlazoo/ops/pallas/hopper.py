@@ -1,6 +1,6 @@
-"""Pieces shared by the warp-specialised Mosaic GPU kernels (flash attention, the SSD scan).
+"""Pieces shared by the Mosaic GPU kernels.
 
-A kernel runs consumer warpgroups that compute with wgmma (float32 accumulators in registers) and one
+The warp-specialised ones (flash attention, the SSD scan) run consumer warpgroups that compute with wgmma (float32 accumulators in registers) and one
 producer warpgroup that only issues TMA copies into swizzled SMEM, through rings of slots guarded by
 mbarriers ("ready": the copy landed; "free": the consumers are done with the slot).
 """
@@ -95,8 +95,17 @@ def produce(streams, n, stages):
       plgpu.barrier_wait(free.at[ring_slot(t, stages)])
 
 
-def tile(shape, dtype):
-  """SMEM tiles in the layout wgmma and TMA want: (8, 128 bytes) tiles, 128-byte swizzle."""
-  swizzle = 128
+def tile(shape, dtype, swizzle=128):
+  """SMEM tiles in the layout wgmma and TMA want: (8, swizzle bytes) tiles, swizzled (128 bytes unless the
+  operand's width needs a narrower one)."""
   tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
   return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def interpret_params(interpret):
+  """A kernel's `interpret` argument as Mosaic GPU takes it: None (compile), or interpreter params (True:
+  the defaults; there is no public path to them yet)."""
+  if interpret is True:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
+  return interpret or None

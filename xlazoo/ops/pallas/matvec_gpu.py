@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xlazoo.ops.pallas import on_hopper
+from xlazoo.ops.pallas.hopper import interpret_params, tile
 
 R = 64  # wgmma tile rows: the M rows of x, zero-padded
 BLOCK_N = 128  # TN: weight tile columns (the wgmma N; a multiple of 64)
@@ -69,19 +70,6 @@ def _swizzle(Ns, dtype) -> int:
   """The widest swizzle (bytes) whose tile width divides every N: TMA sees w as whole [8, swizzle] tiles."""
   itemsize = jnp.dtype(dtype).itemsize
   return next(s for s in (128, 64, 32) if all(N % (s // itemsize) == 0 for N in Ns))
-
-
-def _smem(shape, dtype, swizzle):
-  """A shared-memory buffer in the tiled, swizzled layout that TMA and wgmma use."""
-  minor = swizzle // jnp.dtype(dtype).itemsize
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(swizzle)))
-
-
-def _interpret_params(interpret):
-  if interpret is True:  # Mosaic GPU interpret mode: no public path to its parameters yet
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()
-  return interpret or None
 
 
 def _plan(K: int, NT: int, P: int, TK: int):
@@ -164,8 +152,8 @@ def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, stages, swizzle, first_tiles
 
   pl.run_scoped(
       pipeline,
-      _smem((stages, R, TK), x_ref.dtype, swizzle),
-      _smem((stages, TK, TN), x_ref.dtype, swizzle),
+      tile((stages, R, TK), x_ref.dtype, swizzle),
+      tile((stages, TK, TN), x_ref.dtype, swizzle),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.SMEM((R, TN), jnp.float32),
@@ -242,6 +230,6 @@ def _layer_matmuls(x_MK, ws_LKN, layer, *, interpret=False, block_n=None, block_
       out_type=jax.ShapeDtypeStruct((P, Q, M, TN), jnp.float32),
       grid=(P,),
       grid_names=("p",),
-      interpret=_interpret_params(interpret),
+      interpret=interpret_params(interpret),
   )(layer_1, x_MpKp, *ws_LKN)
   return _combine(out_PQMN, segments, Ns, first_tiles)

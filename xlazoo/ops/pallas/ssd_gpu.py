@@ -33,7 +33,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from xlazoo.ops.pallas import on_hopper
-from xlazoo.ops.pallas.hopper import ROWS, Ops, produce, ring_slot, tile
+from xlazoo.ops.pallas.hopper import (
+  ROWS,
+  Ops,
+  interpret_params,
+  produce,
+  ring_slot,
+  tile,
+)
 
 # Whether `xlazoo.ops.ssd.ssd` takes this kernel. Off until the kernel has been compiled and timed on an
 # H100 (benchmarks/RESULTS.md): until then it runs in its tests and in benchmarks/ssd.py only.
@@ -72,7 +79,7 @@ def ssd(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ=None, *, interpret=False
   if state_BNPQ is None:
     state_BNPQ = jnp.zeros((Bsz, N, P, Q), f32)
   y_BTNP, h_BNPQ = _scan(x_BTNP, v_BNCVL, B_BTGQ.astype(x_BTNP.dtype), C_BTGQ.astype(x_BTNP.dtype),
-                         state_BNPQ.astype(f32), interpret or None)
+                         state_BNPQ.astype(f32), interpret_params(interpret))
   return y_BTNP[:, :T], h_BNPQ
 
 
