@@ -534,16 +534,16 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B):
   dt_BTN = jax.nn.softplus(dt_BTN.astype(jnp.float32) + p["dt_bias_N"].astype(jnp.float32))
   A_N = -jnp.exp(p["A_log_N"].astype(jnp.float32))
   if step:  # no dt limits in the step, as in transformers and mamba_ssm
-    y_BNP, state = ssd_step(cache.ssm_LBNPQ[layer], x_BTNP[:, 0], dt_BTN[:, 0], A_N, b_BTGQ[:, 0], c_BTGQ[:, 0])
+    y_BNP, state = ssd_step(cache.ssm_LBNPQ[layer], x_BTNP[:, 0], dt_BTN[:, 0], A_N, b_BTGQ[:, 0], c_BTGQ[:, 0],
+                            p["D_N"])
     y_BTNP = y_BNP[:, None]
   else:
     dt_BTN = jnp.clip(dt_BTN, c.dt_min, c.dt_max)
     if lengths_B is not None:  # padding: dt = 0 leaves the state as it is
       dt_BTN = jnp.where(jnp.arange(T)[None, :, None] < lengths_B[:, None, None], dt_BTN, 0.0)
     init = cache.ssm_LBNPQ[layer] if cache is not None else None
-    y_BTNP, state = ssd(x_BTNP, dt_BTN, A_N, b_BTGQ, c_BTGQ, chunk=c.chunk_size, state_BNPQ=init)
-  y_BTNP = y_BTNP + p["D_N"].astype(jnp.float32)[:, None] * x_BTNP.astype(jnp.float32)
-  y_BTI, gate_BTI = y_BTNP.reshape(Bsz, T, I), jax.nn.silu(z_BTI.astype(jnp.float32))
+    y_BTNP, state = ssd(x_BTNP, dt_BTN, A_N, b_BTGQ, c_BTGQ, chunk=c.chunk_size, state_BNPQ=init, D_N=p["D_N"])
+  y_BTI, gate_BTI = y_BTNP.reshape(Bsz, T, I).astype(jnp.float32), jax.nn.silu(z_BTI.astype(jnp.float32))
   if c.gate_norm is None:
     v_BTI = y_BTI * gate_BTI
   else:  # RMSNorm over each of the G groups of I / G channels, before or after the gate

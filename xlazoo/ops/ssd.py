@@ -3,14 +3,15 @@
 Dimensions: B batch, T sequence, N SSM heads, P head dim, G groups, R heads per group (N = G R),
 Q state size, C chunks, and T / S for a target / source position inside one chunk.
 
-Per head n, with a scalar decay a_t = exp(dt_t A_n) < 1 and a state h of shape [P, Q]:
-    h_t = a_t h_{t-1} + dt_t x_t B_t^T        y_t = h_t C_t
+Per head n, with a scalar decay a_t = exp(dt_t A_n) < 1, a state h of shape [P, Q] and a skip D_n:
+    h_t = a_t h_{t-1} + dt_t x_t B_t^T        y_t = h_t C_t + D_n x_t
 The chunked form (Dao & Gu 2024, "Transformers are SSMs", section 6) computes, per chunk of length
 T, the quadratic attention-like part inside the chunk, each chunk's contribution to the state at
 its end, a short recurrence over the chunk states, and the states' contribution to the outputs.
 All of it is einsums; decays, their cumulative sums and the states are float32, and the matmuls take
-their operands in the inputs' dtype (bfloat16 runs on the tensor cores) with float32 accumulation. A step with
-dt = 0 leaves the state unchanged (that is how padding is kept out of it).
+their operands in the inputs' dtype (bfloat16 runs on the tensor cores) with float32 accumulation. y is
+computed in float32 and returned in x's dtype, as mamba_ssm's kernels return it. A step with dt = 0
+leaves the state unchanged (that is how padding is kept out of it).
 
 Groups: heads n = g R + r share B and C of group g. B and C stay [.., G, Q] and are broadcast in
 the einsums; they are never repeated to N heads.
@@ -45,31 +46,34 @@ def ssd(
     *,
     chunk: int,
     state_BNPQ: jax.Array | None = None,
+    D_N: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """y [B, T, N, P] (float32) and the final state [B, N, P, Q] (float32), from an optional initial state.
+  """y [B, T, N, P] (x's dtype) and the final state [B, N, P, Q] (float32), from an optional initial state.
 
-  Any T works: the tail is padded to a whole chunk with dt = 0, which leaves the state unchanged. With
-  `ssd_gpu.ENABLED` (off until the kernel is timed on a GPU), a Hopper GPU runs the forward as the fused
-  Pallas scan where it applies, with the einsum graph's gradient; elsewhere this is `ssd_reference`.
+  Any T works: the tail is padded to a whole chunk with dt = 0, which leaves the state unchanged. On a
+  Hopper GPU (`ssd_gpu.ENABLED` and `ssd_gpu.supported`) the forward is the fused Pallas scan, with the
+  einsum graph's gradient; elsewhere this is `ssd_reference`.
   """
   if ssd_gpu.ENABLED and ssd_gpu.supported(x_BTNP, B_BTGQ):
     if state_BNPQ is None:
       state_BNPQ = jnp.zeros((x_BTNP.shape[0], *x_BTNP.shape[2:], B_BTGQ.shape[3]), f32)
-    return _ssd_kernel(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ, chunk)
-  return ssd_reference(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, chunk=chunk, state_BNPQ=state_BNPQ)
+    if D_N is None:
+      D_N = jnp.zeros(x_BTNP.shape[2:3], f32)
+    return _ssd_kernel(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ, D_N, chunk)
+  return ssd_reference(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, chunk=chunk, state_BNPQ=state_BNPQ, D_N=D_N)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _ssd_kernel(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ, chunk):
-  return ssd_gpu.ssd(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _ssd_kernel(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ, D_N, chunk):
+  return ssd_gpu.ssd(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ, D_N)
 
 
 def _ssd_kernel_fwd(*args):
-  return _ssd_kernel(*args), args[:6]
+  return _ssd_kernel(*args), args[:7]
 
 
 def _ssd_kernel_bwd(chunk, inputs, grads):
-  _, vjp = jax.vjp(lambda *a: ssd_reference(*a[:5], chunk=chunk, state_BNPQ=a[5]), *inputs)
+  _, vjp = jax.vjp(lambda *a: ssd_reference(*a[:5], chunk=chunk, state_BNPQ=a[5], D_N=a[6]), *inputs)
   return vjp(grads)
 
 
@@ -85,6 +89,7 @@ def ssd_reference(
     *,
     chunk: int,
     state_BNPQ: jax.Array | None = None,
+    D_N: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """`ssd` as einsums over chunks of `chunk` tokens (see the module docstring)."""
   Bsz, T, N, P = x_BTNP.shape
@@ -129,13 +134,16 @@ def ssd_reference(
   y_BCTGRP += dot("BCTGQ,BCGRPQ->BCTGRP", Cm, entering_BCGRPQ) * from_start_BCTGR[..., None]
 
   y_BTNP = y_BCTGRP.reshape(Bsz, C * chunk, N, P)[:, :T]
-  return y_BTNP, final_BGRPQ.reshape(Bsz, N, P, Q)
+  if D_N is not None:
+    y_BTNP = y_BTNP + D_N.astype(f32)[:, None] * x.reshape(Bsz, C * chunk, N, P)[:, :T]
+  return y_BTNP.astype(mm), final_BGRPQ.reshape(Bsz, N, P, Q)
 
 
 def ssd_step(
-    state_BNPQ: jax.Array, x_BNP: jax.Array, dt_BN: jax.Array, A_N: jax.Array, B_BGQ: jax.Array, C_BGQ: jax.Array
+    state_BNPQ: jax.Array, x_BNP: jax.Array, dt_BN: jax.Array, A_N: jax.Array, B_BGQ: jax.Array, C_BGQ: jax.Array,
+    D_N: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """One recurrence step: (y [B, N, P] float32, the new state [B, N, P, Q] float32)."""
+  """One recurrence step: (y [B, N, P] in x's dtype, the new state [B, N, P, Q] float32)."""
   Bsz, N, P, Q = state_BNPQ.shape
   G = B_BGQ.shape[1]
   R = N // G
@@ -144,5 +152,7 @@ def ssd_step(
   xdt_BGRP = x_BNP.astype(f32).reshape(Bsz, G, R, P) * dt_BGR[..., None]
   state = state_BNPQ.reshape(Bsz, G, R, P, Q) * decay_BGR[..., None, None]
   state = state + jnp.einsum("BGRP,BGQ->BGRPQ", xdt_BGRP, B_BGQ.astype(f32))
-  y_BGRP = jnp.einsum("BGRPQ,BGQ->BGRP", state, C_BGQ.astype(f32))
-  return y_BGRP.reshape(Bsz, N, P), state.reshape(Bsz, N, P, Q)
+  y_BNP = jnp.einsum("BGRPQ,BGQ->BGRP", state, C_BGQ.astype(f32)).reshape(Bsz, N, P)
+  if D_N is not None:
+    y_BNP = y_BNP + D_N.astype(f32)[:, None] * x_BNP.astype(f32)
+  return y_BNP.astype(x_BNP.dtype), state.reshape(Bsz, N, P, Q)

@@ -4,21 +4,21 @@ Dimensions as in xlazoo.ops.ssd: B batch, T sequence, N heads, P head dim, G gro
 each), Q state size; L tokens per chunk (the M of the wgmmas), t / s a target / source row of a chunk.
 
 Computes `xlazoo.ops.ssd.ssd_reference`: per head, h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T and
-y_t = h_t C_t, from an initial state, returning y (float32) and the final state (float32).
+y_t = h_t C_t + D x_t, from an initial state, returning y (in x's dtype) and the final state (float32).
 
 Design: one CTA per (head, batch row) walks the head's chunks in order and keeps the state h [P, Q] as a
 float32 wgmma accumulator in registers, so neither the [L, L] decays nor the per-chunk states ever go to
-memory. A producer warpgroup streams each chunk's x, B, C and four float32 vectors computed by XLA (cs,
+memory. A producer warpgroup streams each chunk's x, B, C and five float32 vectors computed by XLA (cs,
 the running sum of dt A inside the chunk; x's row scale dt_s exp(cs_L - cs_s); cs and dt again, for the
-columns: one SMEM vector cannot be read in both the row and the column layout) through a ring of SMEM
+columns: one SMEM vector cannot be read in both the row and the column layout; D) through a ring of SMEM
 slots; the consumer warpgroup does, per chunk:
 
     x' = x * dt_s exp(cs_L - cs_s)                        (row s; bfloat16, into SMEM)
     S = C B^T,   Y = C h^T,   h = exp(cs_L) h + x'^T B      (three wgmmas, one wait; h as it entered, in
                                                            bfloat16 in SMEM, feeds Y)
-    y = Y exp(cs_t) + (S * exp(cs_t - cs_s) dt_s [s <= t]) x    (one more wgmma)
+    y = Y exp(cs_t) + (S * exp(cs_t - cs_s) dt_s [s <= t]) x + D x    (one more wgmma)
 
-and sends y out through SMEM by TMA; the final state leaves at the end. The matmul operands are the
+and sends y out through SMEM by TMA, in x's dtype (as mamba_ssm's scan does: half the bytes of float32); the final state leaves at the end. The matmul operands are the
 inputs' 16-bit dtype with float32 accumulation, as in the reference. A padded step has dt = 0, which
 leaves the state unchanged, so ragged T is padded to whole chunks.
 
@@ -42,11 +42,11 @@ from xlazoo.ops.pallas.hopper import (
   tile,
 )
 
-# Whether `xlazoo.ops.ssd.ssd` takes this kernel. Off until the kernel has been compiled and timed on an
-# H100 (benchmarks/RESULTS.md): until then it runs in its tests and in benchmarks/ssd.py only.
-ENABLED = False
+# Whether `xlazoo.ops.ssd.ssd` takes this kernel where `supported` says it can (the switch benchmarks/ssd.py
+# and the tests use; benchmarks/RESULTS.md has its timings).
+ENABLED = True
 L = ROWS  # tokens per chunk
-STAGES = 3  # chunks in SMEM at once: 3 x 40 KiB at Q = 128, beside 72 KiB of fixed buffers
+STAGES = 3  # chunks in SMEM at once: 3 x 41 KiB at Q = 128, beside 64 KiB of fixed buffers
 STREAMS = ("x", "b", "c", "v")
 f32 = jnp.float32
 
@@ -60,8 +60,8 @@ def supported(x_BTNP: jax.Array, B_BTGQ: jax.Array) -> bool:
           and P == 64 and Q in (64, 128) and N % G == 0)
 
 
-def ssd(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ=None, *, interpret=False):
-  """y [B, T, N, P] float32 and the final state [B, N, P, Q] float32 (see the module docstring).
+def ssd(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ=None, D_N=None, *, interpret=False):
+  """y [B, T, N, P] in x's dtype and the final state [B, N, P, Q] float32 (see the module docstring).
 
   interpret: False for the compiled kernel, or Mosaic GPU interpret params to run it on the CPU (where
   float32 x, B and C work too).
@@ -75,7 +75,8 @@ def ssd(x_BTNP, dt_BTN, A_N, B_BTGQ, C_BTGQ, state_BNPQ=None, *, interpret=False
   dt_BNCL = dt_BTN.astype(f32).transpose(0, 2, 1).reshape(Bsz, N, (T + pad) // L, L)
   cs_BNCL = jnp.cumsum(dt_BNCL * A_N.astype(f32)[:, None, None], axis=-1)
   scale_BNCL = dt_BNCL * jnp.exp(cs_BNCL[..., -1:] - cs_BNCL)
-  v_BNCVL = jnp.stack([cs_BNCL, scale_BNCL, cs_BNCL, dt_BNCL], axis=3)
+  D_BNCL = jnp.broadcast_to((jnp.zeros((N,), f32) if D_N is None else D_N.astype(f32))[:, None, None], cs_BNCL.shape)
+  v_BNCVL = jnp.stack([cs_BNCL, scale_BNCL, cs_BNCL, dt_BNCL, D_BNCL], axis=3)
   if state_BNPQ is None:
     state_BNPQ = jnp.zeros((Bsz, N, P, Q), f32)
   y_BTNP, h_BNPQ = _scan(x_BTNP, v_BNCVL, B_BTGQ.astype(x_BTNP.dtype), C_BTGQ.astype(x_BTNP.dtype),
@@ -116,7 +117,7 @@ def _scan(x_BTNP, v_BNCVL, b_BTGQ, c_BTGQ, h_BNPQ, interpret):
           plgpu.barrier_wait(ring[k + "_ready"].at[s])
         x, v = ring["x"].at[s], ring["v"].at[s]
         cs_t, scale_t, cs_s, dt_s = (ops.vector(v.at[i], i // 2) for i in range(4))
-        last = v[0, L - 1]
+        last, d = v[0, L - 1], v[4, 0]
         xv = ops.load(x).astype(f32)
         xs[...] = (xv * bcast(scale_t, xv.shape, 0)).astype(dtype)
         plgpu.commit_smem()
@@ -129,7 +130,7 @@ def _scan(x_BTNP, v_BNCVL, b_BTGQ, c_BTGQ, h_BNPQ, interpret):
         for k in STREAMS:
           plgpu.barrier_arrive(ring[k + "_free"].at[s])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's y has left SMEM
-        y[...] = yv
+        y[...] = (yv + d * xv).astype(dtype)
         hb[...] = h.astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y, y_ref.at[b, pl.ds(c * L, L), n])
@@ -142,13 +143,13 @@ def _scan(x_BTNP, v_BNCVL, b_BTGQ, c_BTGQ, h_BNPQ, interpret):
       plgpu.wait_smem_to_gmem(0)
 
   ring = dict(x=tile((STAGES, L, P), dtype), b=tile((STAGES, L, Q), dtype), c=tile((STAGES, L, Q), dtype),
-              v=plgpu.SMEM((STAGES, 4, L), f32))
+              v=plgpu.SMEM((STAGES, 5, L), f32))
   for k in STREAMS:
     ring[k + "_ready"] = plgpu.Barrier(num_barriers=STAGES)
     ring[k + "_free"] = plgpu.Barrier(num_barriers=STAGES)
-  scratch = dict(xs=tile((L, P), dtype), hb=tile((P, Q), dtype), y=tile((L, P), f32), hf=tile((P, Q), f32),
+  scratch = dict(xs=tile((L, P), dtype), hb=tile((P, Q), dtype), y=tile((L, P), dtype), hf=tile((P, Q), f32),
                  h_bar=plgpu.Barrier(num_barriers=1), **ring)
-  out_type = (jax.ShapeDtypeStruct((Bsz, T, N, P), f32), jax.ShapeDtypeStruct(h_BNPQ.shape, f32))
+  out_type = (jax.ShapeDtypeStruct((Bsz, T, N, P), dtype), jax.ShapeDtypeStruct(h_BNPQ.shape, f32))
   return plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch, grid=(N, Bsz), grid_names=("n", "b"), num_threads=2,
       thread_name="wg", kernel_name="ssd_scan", compiler_params=plgpu.CompilerParams(approx_math=True),
