@@ -558,8 +558,8 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B):
     out_BTD = out_BTD * jnp.asarray(m.ssm_out, out_BTD.dtype)
   if cache is not None:
     cache = cache.replace(
-        conv_LBWE=cache.conv_LBWE.at[layer].set(new_conv.astype(cache.conv_LBWE.dtype)),
-        ssm_LBNPQ=cache.ssm_LBNPQ.at[layer].set(state),
+        conv_LBWE=jax.lax.dynamic_update_index_in_dim(cache.conv_LBWE, new_conv.astype(cache.conv_LBWE.dtype), layer, 0),
+        ssm_LBNPQ=jax.lax.dynamic_update_index_in_dim(cache.ssm_LBNPQ, state, layer, 0),
     )
   return out_BTD, cache
 
