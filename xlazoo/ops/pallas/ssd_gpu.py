@@ -18,9 +18,10 @@ slots; the consumer warpgroup does, per chunk:
                                                            bfloat16 in SMEM, feeds Y)
     y = Y exp(cs_t) + (S * exp(cs_t - cs_s) dt_s [s <= t]) x + D x    (one more wgmma)
 
-and sends y out through SMEM by TMA, in x's dtype (as mamba_ssm's scan does: half the bytes of float32); the final state leaves at the end. The matmul operands are the
-inputs' 16-bit dtype with float32 accumulation, as in the reference. A padded step has dt = 0, which
-leaves the state unchanged, so ragged T is padded to whole chunks.
+and sends y out through SMEM by TMA, in x's dtype (as mamba_ssm's scan does: half the bytes of
+float32); the final state leaves at the end. The matmul operands are the inputs' 16-bit dtype with
+float32 accumulation, as in the reference. A padded step has dt = 0, which leaves the state unchanged,
+so ragged T is padded to whole chunks.
 
 Interpret mode (`interpret=` Mosaic GPU interpret params) runs the same kernel on the CPU, with the
 matrix products as jnp.dot on the SMEM tiles (see `hopper.Ops`).
