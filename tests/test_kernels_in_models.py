@@ -53,16 +53,17 @@ def _run(model, prompt_BT, steps_BS, max_len=128):
   return np.asarray(jnp.stack(out), np.float32)
 
 
-@pytest.mark.parametrize("hf", [LLAMA, MAMBA2], ids=["llama", "mamba2"])
-def test_kernels_match_the_references_in_a_model(monkeypatch, hf):
+@pytest.mark.parametrize("hf, batch", [(LLAMA, 1), (LLAMA, 2), (MAMBA2, 2)], ids=["llama-1", "llama-2", "mamba2-2"])
+def test_kernels_match_the_references_in_a_model(monkeypatch, hf, batch):
+  """batch 1: a decode step writes its one KV slot with an update in place; batch 2: with a scatter."""
   model = bench.random_model(hf)
   rng = np.random.default_rng(0)
   # Every weight perturbed by N(0, 0.1), as the parity tests do: at the init's scale the mixer's output is
   # mostly D x, and the scan's part would not show in the logits.
   noisy = lambda a: (a + rng.normal(0, 0.1, a.shape)).astype(a.dtype)  # noqa: E731
   model = model.replace(params=jax.tree.map(noisy, model.params))
-  prompt_BT = jnp.asarray(rng.integers(0, hf["vocab_size"], (2, 37)), jnp.int32)  # ragged: 37 is no tile multiple
-  steps_BS = jnp.asarray(rng.integers(0, hf["vocab_size"], (2, 3)), jnp.int32)
+  prompt_BT = jnp.asarray(rng.integers(0, hf["vocab_size"], (batch, 37)), jnp.int32)  # ragged: 37 is no tile multiple
+  steps_BS = jnp.asarray(rng.integers(0, hf["vocab_size"], (batch, 3)), jnp.int32)
   for module in KERNELS:
     monkeypatch.setattr(module, "on_hopper", lambda: False)  # every dispatch takes its reference
   ref = _run(model, prompt_BT, steps_BS)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from xlazoo.models.params import Param, init_params, layer_params
+from xlazoo.models.params import DECODE_UNROLL, Param, init_params, layer_params
 from xlazoo.ops.attention import attention, causal_attention, decode_attention
 from xlazoo.ops.mlp import ACTIVATIONS, gated_mlp, linear, linears
 from xlazoo.ops.norms import rms_norm
@@ -331,9 +331,12 @@ def _norm(c: Config, x, p):
   return rms_norm(x, p["scale"], c.rms_norm_eps, c.norm_offset)
 
 
-def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale, cache, layer, qkv_delta=None):
+def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale, cache, layer, qkv_delta=None,
+                     kv_len_B=None):
   """pos_BT: the tokens' positions, or None for 0..T-1 (a forward or prefill from the start).
-  qkv_delta: optional (q [B,T,N,H], k, v [B,T,K,H]) added to the projections (Zamba2's adapters)."""
+  qkv_delta: optional (q [B,T,N,H], k, v [B,T,K,H]) added to the projections (Zamba2's adapters).
+  kv_len_B: a decode step's pos_BT[:, 0] + 1, computed once outside the layer scan (XLA leaves it in the
+  loop, a kernel launch in every layer)."""
   B, T, _ = x_BTD.shape
   fresh = pos_BT is None
   if fresh:
@@ -357,7 +360,11 @@ def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale
     r = c.rope_dim
     q_BTNH = jnp.concatenate([apply_rope(q_BTNH[..., :r], pos_BT, inv_freq_H, rope_scale), q_BTNH[..., r:]], -1)
     k_BTKH = jnp.concatenate([apply_rope(k_BTKH[..., :r], pos_BT, inv_freq_H, rope_scale), k_BTKH[..., r:]], -1)
-  if cache is not None:  # write this layer's new entries in place (a scatter into the carried cache)
+  if cache is not None and B == T == 1:  # one slot: an update in place (a scatter of one row costs XLA a
+    at = (layer, 0, pos_BT[0, 0], 0, 0)  # second kernel that reads the slot first, to drop an update out of range)
+    cache = KVCache(*(jax.lax.dynamic_update_slice(c, a[None].astype(c.dtype), at)
+                      for c, a in ((cache.k_LBSKH, k_BTKH), (cache.v_LBSKH, v_BTKH))))
+  elif cache is not None:  # write this layer's new entries in place (a scatter into the carried cache)
     b_B1 = jnp.arange(B)[:, None]
     cache = KVCache(
         cache.k_LBSKH.at[layer, b_B1, pos_BT].set(k_BTKH.astype(cache.k_LBSKH.dtype), mode="drop"),
@@ -369,7 +376,8 @@ def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale
   elif cache is None:
     o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, **kw)
   elif T == 1:  # a decode step: each row reads its cache up to its own position
-    o_BTNH = decode_attention(q_BTNH[:, 0], cache.k_LBSKH, cache.v_LBSKH, pos_BT[:, 0] + 1, layer=layer, **kw)[:, None]
+    kv_len_B = pos_BT[:, 0] + 1 if kv_len_B is None else kv_len_B
+    o_BTNH = decode_attention(q_BTNH[:, 0], cache.k_LBSKH, cache.v_LBSKH, kv_len_B, layer=layer, **kw)[:, None]
   else:
     k_pos_BS = jnp.broadcast_to(jnp.arange(cache.max_len), (B, cache.max_len))
     o_BTNH = attention(q_BTNH, cache.k_LBSKH[layer], cache.v_LBSKH[layer], pos_BT, k_pos_BS, **kw)
@@ -389,7 +397,8 @@ def forward(
   """Logits [B, T, V] (float32) for `tokens` [B, T] int32, and the updated cache.
 
   positions: [B, T] absolute positions (default 0..T-1). With a cache, token t of row b is written
-  to slot positions[b, t] and attends to the slots at positions <= its own.
+  to slot positions[b, t] (which must be < the cache's max_len) and attends to the slots at positions
+  <= its own.
   logits_at: optional [B] index into T; then only those positions' logits are computed ([B, 1, V]).
   lengths: [B] real tokens per right-padded row. Attention needs nothing from it (a row's padding
   sits at later positions, which its causal mask hides); it is there for the recurrent families.
@@ -404,6 +413,7 @@ def forward(
 
   # A decode step reads the weights from their stacks in place (see LayerWeight); elsewhere the scan slices them.
   decode = cache is not None and tokens_BT.shape[1] == 1
+  kv_len_B = positions[:, 0] + 1 if decode and positions is not None else None
 
   def body(carry, xs):
     x_BTD, cache = carry
@@ -412,7 +422,8 @@ def forward(
       p = layer_params(params["layers"], layer, in_place=True)
     window = window if same_window is None else same_window
     h_BTD = _norm(c, x_BTD, p["attn_norm"]) if c.pre_norms else x_BTD
-    a_BTD, cache = _attention_block(c, p["attn"], h_BTD, positions, window, inv_freq_H, rope_scale, cache, layer)
+    a_BTD, cache = _attention_block(c, p["attn"], h_BTD, positions, window, inv_freq_H, rope_scale, cache, layer,
+                                    kv_len_B=kv_len_B)
     if c.post_norms:
       a_BTD = _norm(c, a_BTD, p["attn_post_norm"])
     x_BTD = x_BTD + a_BTD
@@ -424,7 +435,7 @@ def forward(
     return (x_BTD + m_BTD, cache), None
 
   xs = (None if decode else params["layers"], window_L, inv_freq_LH, scale_L, jnp.arange(c.num_layers))
-  (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), xs)
+  (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), xs, unroll=DECODE_UNROLL if decode else 1)
   if logits_at is not None:
     x_BTD = jnp.take_along_axis(x_BTD, logits_at[:, None, None], axis=1)
   x_BTD = _norm(c, x_BTD, params["final_norm"])

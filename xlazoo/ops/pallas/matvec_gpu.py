@@ -183,6 +183,9 @@ def _combine(out_PQMN, segments, Ns, first_tiles):
   ys = []
   for N, j0, j1 in zip(Ns, first_tiles[:-1], first_tiles[1:]):
     NT = j1 - j0
+    if N % TN == 0:  # no overlapping last tile: no concatenate, which would keep XLA from fusing the sum onward
+      ys.append(jnp.transpose(tiles_JMN[j0:j1], (1, 0, 2)).reshape(M, N))
+      continue
     y_MN = jnp.transpose(tiles_JMN[j0 : j1 - 1], (1, 0, 2)).reshape(M, (NT - 1) * TN)
     last_MN = tiles_JMN[j1 - 1][:, (NT - 1) * TN - (N - TN) :]
     ys.append(jnp.concatenate([y_MN, last_MN], axis=1))
