@@ -37,7 +37,7 @@ import numpy as np
 from flax import struct
 
 from xlazoo.models import transformer
-from xlazoo.models.params import DECODE_UNROLL, Param, init_params, layer_params
+from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.conv import causal_conv, conv_state, conv_step
 from xlazoo.ops.mlp import ACTIVATIONS, linear, linears
 from xlazoo.ops.moe import route_sigmoid, routed_mlp
@@ -701,8 +701,7 @@ def forward(
       x_BTD = x_BTD + out_BTD
     return (x_BTD, cache), None
 
-  (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), ({} if decode else xs, jnp.arange(reps)),
-                                   unroll=DECODE_UNROLL if decode else 1)
+  (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), ({} if decode else xs, jnp.arange(reps)))
   if logits_at is not None:
     x_BTD = jnp.take_along_axis(x_BTD, logits_at[:, None, None], axis=1)
   x_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], c.norm_eps)

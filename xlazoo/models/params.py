@@ -77,11 +77,6 @@ def _in_place(key: str) -> bool:
   return key.startswith("w") and "X" not in key.rsplit("_", 1)[-1]
 
 
-# A decode step's layer scan runs two layers per loop iteration: each iteration boundary costs the GPU a
-# few idle microseconds (H100: Llama-3-8B 6.35 -> 6.33 ms a step, Mamba-2 2.7B 4.11 -> 4.07 ms).
-DECODE_UNROLL = 2
-
-
 def layer_params(tree: dict, i: jax.Array, *, in_place: bool = False) -> dict:
   """Layer i of a tree of [L, ...] stacks. in_place (decode): `linear`'s matrices stay in their stacks as
   LayerWeight, which a kernel reads where they lie; everything else is sliced out."""

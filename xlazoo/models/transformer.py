@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from xlazoo.models.params import DECODE_UNROLL, Param, init_params, layer_params
+from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.attention import attention, causal_attention, decode_attention
 from xlazoo.ops.mlp import ACTIVATIONS, gated_mlp, linear, linears
 from xlazoo.ops.norms import rms_norm
@@ -435,7 +435,10 @@ def forward(
     return (x_BTD + m_BTD, cache), None
 
   xs = (None if decode else params["layers"], window_L, inv_freq_LH, scale_L, jnp.arange(c.num_layers))
-  (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), xs, unroll=DECODE_UNROLL if decode else 1)
+  # A decode step runs two layers per loop iteration: each iteration boundary leaves the GPU idle a few
+  # microseconds (H100, Llama-3-8B: 6.35 -> 6.33 ms a step). Not in the hybrid family's scan, where it
+  # makes XLA copy the recurrent states.
+  (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), xs, unroll=2 if decode else 1)
   if logits_at is not None:
     x_BTD = jnp.take_along_axis(x_BTD, logits_at[:, None, None], axis=1)
   x_BTD = _norm(c, x_BTD, params["final_norm"])
