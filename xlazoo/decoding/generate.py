@@ -22,7 +22,6 @@ from xlazoo.decoding.sampling import Sampler
 from xlazoo.models import Model
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share one compile
-DECODE_CHUNK = 8  # decode steps per loop iteration of known length (see decode)
 CACHE_ALIGN = 64  # KV caches hold a multiple of this many slots: the GPU decode kernel reads whole tiles of 64
 
 
@@ -68,30 +67,21 @@ def prefill(model: Model, prompt_BT: jax.Array, lengths_B: jax.Array, key: jax.A
 
 
 def decode(model: Model, state: State, stop_at: jax.Array, plan: Plan) -> State:
-  """Decodes until `stop_at` new tokens exist or every row has stopped. Steps that a chunk runs after every
-  row has stopped change neither `step` nor the positions, and write only padding."""
+  """Decodes until `stop_at` new tokens exist or every row has stopped; one token per loop step."""
   config, family = model.config, model.family
-  limit = jnp.minimum(stop_at, plan.max_new_tokens)
 
-  def running(s: State, steps: int):  # `steps` more steps fit under the limit and some row is still going
-    return (limit - s.step >= steps) & ~jnp.all(s.done_B)
+  def cond(s: State):
+    return (s.step < jnp.minimum(stop_at, plan.max_new_tokens)) & ~jnp.all(s.done_B)
 
-  def chunk(s: State):
-    return jax.lax.fori_loop(0, DECODE_CHUNK, lambda _, s: step(s), s)
-
-  def step(s: State):
+  def body(s: State):
     logits_B1V, cache = family.forward(config, model.params, s.last_B[:, None], cache=s.cache, positions=s.pos_B[:, None])
     tok_B = plan.sampler(logits_B1V[:, 0], jax.random.fold_in(s.key, s.step))
     tok_B = jnp.where(s.done_B, plan.pad_id, tok_B)
     tokens_BN = jax.lax.dynamic_update_slice(s.tokens_BN, tok_B[:, None], (0, s.step))
     done_B = s.done_B | _stopped(tok_B, plan.stop_ids)
-    going = (~jnp.all(s.done_B)).astype(jnp.int32)
-    return State(cache, tokens_BN, tok_B, s.pos_B + going, done_B, s.step + going, s.key)
+    return State(cache, tokens_BN, tok_B, s.pos_B + 1, done_B, s.step + 1, s.key)
 
-  # Whole chunks while they fit, then single steps. On a GPU a loop of unknown length copies its condition
-  # to the host every iteration while the device idles; the chunk's fixed-count loop does not.
-  state = jax.lax.while_loop(lambda s: running(s, DECODE_CHUNK), chunk, state)
-  return jax.lax.while_loop(lambda s: running(s, 1), step, state)
+  return jax.lax.while_loop(cond, body, state)
 
 
 prefill_jit = jax.jit(prefill, static_argnames="plan")

@@ -154,11 +154,11 @@ def _kernel(layer_ref, window_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_
 
 def _combine(o_BKPGH, lse_BKPM):
   """Merges the splits' normalised outputs, weighting each by its share of the softmax mass."""
-  B, K, _, G, H = o_BKPGH.shape
+  G = o_BKPGH.shape[3]
   lse_BKPG = lse_BKPM[..., :G]
-  w_BKPGH = jnp.broadcast_to(jnp.exp(lse_BKPG - lse_BKPG.max(axis=2, keepdims=True))[..., None], o_BKPGH.shape)
-  # Numerator and denominator as sums of one shape: XLA makes them one kernel (with the weights' max inside).
-  o_BKGH = (w_BKPGH * o_BKPGH).sum(axis=2) / w_BKPGH.sum(axis=2)
+  w_BKPG = jnp.exp(lse_BKPG - lse_BKPG.max(axis=2, keepdims=True))
+  o_BKGH = jnp.einsum("BKPG,BKPGH->BKGH", w_BKPG, o_BKPGH) / w_BKPG.sum(axis=2)[..., None]
+  B, K, _, G, H = o_BKPGH.shape
   return o_BKGH.reshape(B, K * G, H)
 
 
