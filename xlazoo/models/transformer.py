@@ -360,10 +360,12 @@ def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale
     r = c.rope_dim
     q_BTNH = jnp.concatenate([apply_rope(q_BTNH[..., :r], pos_BT, inv_freq_H, rope_scale), q_BTNH[..., r:]], -1)
     k_BTKH = jnp.concatenate([apply_rope(k_BTKH[..., :r], pos_BT, inv_freq_H, rope_scale), k_BTKH[..., r:]], -1)
-  if cache is not None and B == T == 1:  # one slot: an update in place (a scatter of one row costs XLA a
-    at = (layer, 0, pos_BT[0, 0], 0, 0)  # second kernel that reads the slot first, to drop an update out of range)
-    cache = KVCache(*(jax.lax.dynamic_update_slice(c, a[None].astype(c.dtype), at)
-                      for c, a in ((cache.k_LBSKH, k_BTKH), (cache.v_LBSKH, v_BTKH))))
+  if cache is not None and B == T == 1:
+    # One slot: an update in place. A one-row scatter costs XLA a second kernel that reads the slot back
+    # first, to drop an update out of range (positions must be < max_len: see forward).
+    at = (layer, 0, pos_BT[0, 0], 0, 0)
+    cache = KVCache(*(jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), at)
+                      for buf, new in ((cache.k_LBSKH, k_BTKH), (cache.v_LBSKH, v_BTKH))))
   elif cache is not None:  # write this layer's new entries in place (a scatter into the carried cache)
     b_B1 = jnp.arange(B)[:, None]
     cache = KVCache(
