@@ -2,6 +2,7 @@
 boundaries and batches; 64 greedy tokens for ragged batches; the O(1) decode step; conversion."""
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import traverse_util
+from safetensors.numpy import load_file
 
 import xlazoo
 from tests.parity import hf_greedy, hf_logits, rel_err, save
@@ -187,11 +190,21 @@ ROUNDTRIP = [("mamba2", {}), ("bamba", {"attn_layer_indices": [0, 3], "mamba_pro
 
 @pytest.mark.parametrize("model_type, overrides", ROUNDTRIP, ids=[f"{m}-{i}" for i, (m, _) in enumerate(ROUNDTRIP)])
 def test_convert_export_roundtrip(tmp_path, model_type, overrides):
-  """HF -> xlazoo (Orbax) -> HF: transformers loads the export and computes the same logits."""
+  """HF -> xlazoo (Orbax) -> HF: each exported tensor equals the original (Zamba2's tied copies are not
+  written), and transformers computes the same logits from the export. Ours pads in_proj's columns with
+  zeros to a multiple of 128; export drops them."""
   ref = hf_ssm(model_type, **overrides)
   src = save(ref, tmp_path / "hf")
   zoo = checkpoints.convert(src, tmp_path / "zoo")
   back = checkpoints.export(zoo, tmp_path / "back")
+  original, exported = load_file(Path(src) / "model.safetensors"), load_file(Path(back) / "model.safetensors")
+  assert all(np.array_equal(x, original[k]) for k, x in exported.items())
+  c, params = (m := xlazoo.load(zoo)).config, traverse_util.flatten_dict(m.params, sep="/")
+  z = c.inner + c.conv_dim + c.num_heads
+  in_proj = {k: v for k, v in params.items() if k.endswith(("w_in_DZ", "b_in_Z"))}
+  assert in_proj and all(v.shape[-1] == c.in_proj_width for v in in_proj.values())
+  assert c.in_proj_width % 128 == 0 and c.in_proj_width - z < 128
+  assert all(not np.asarray(v)[..., z:].any() for v in in_proj.values())
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).eval()
   tokens = np.random.default_rng(0).integers(0, 101, (2, 9))
   assert rel_err(hf_logits(reloaded, tokens), hf_logits(ref, tokens)) < 1e-6

@@ -33,7 +33,7 @@ LLAMA = dict(  # head dim 64 (flash), the q/k/v, o, gate/up and down GEMVs >= 12
     model_type="llama", vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256, tie_word_embeddings=False,
 )
-MAMBA2 = dict(  # P = 64, Q = 64 (the SSD kernel), out_proj 256 x 128 (GEMV; in_proj's 644 columns are not)
+MAMBA2 = dict(  # P = 64, Q = 64 (the SSD kernel); GEMVs: in_proj 128 x 768 (644 columns padded), out_proj 256 x 128
     model_type="mamba2", vocab_size=97, hidden_size=128, num_hidden_layers=2, state_size=64, head_dim=64, num_heads=4,
     n_groups=1, expand=2, conv_kernel=4, chunk_size=32, use_conv_bias=True, tie_word_embeddings=True,
 )

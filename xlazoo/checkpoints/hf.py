@@ -106,34 +106,49 @@ class _Source:
 # ----------------------------------------------------------------------------- layout transforms
 
 
+def _kind(kind: str) -> tuple[str, int | None]:
+  """A row's layout, and the width of HF's last axis where ours has zero columns after it ("in:10576")."""
+  base, _, cols = kind.partition(":")
+  return base, int(cols) if cols else None
+
+
 def to_ours(x: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
-  if kind in ("in", "out", "conv"):
-    return x.T.reshape(shape)
-  return x.reshape(shape)
+  base, cols = _kind(kind)
+  y = x.T if base in ("in", "out", "conv") else x
+  if cols is None:
+    return y.reshape(shape)
+  y = y.reshape(*shape[:-1], cols)
+  return np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, shape[-1] - cols)])
 
 
 def to_hf(y: np.ndarray, kind: str) -> np.ndarray:
-  if kind == "conv":  # ours [W, E] -> a depthwise Conv1d weight [E, 1, W]
+  base, cols = _kind(kind)
+  if cols is not None:
+    y = y[..., :cols]
+  if base == "conv":  # ours [W, E] -> a depthwise Conv1d weight [E, 1, W]
     return y.T[:, None, :]
-  if kind == "in":
+  if base == "in":
     return y.reshape(y.shape[0], -1).T
-  if kind == "out":
+  if base == "out":
     return y.reshape(-1, y.shape[-1]).T
-  if kind == "flat":
+  if base == "flat":
     return y.reshape(-1)
   return y
 
 
 def hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
   """The shape that to_hf gives for our `shape`."""
+  base, cols = _kind(kind)
+  if cols is not None:
+    shape = (*shape[:-1], cols)
   size = math.prod(shape)
-  if kind == "conv":
+  if base == "conv":
     return (shape[1], 1, shape[0])
-  if kind == "in":
+  if base == "in":
     return (size // shape[0], shape[0])
-  if kind == "out":
+  if base == "out":
     return (shape[-1], size // shape[-1])
-  return (size,) if kind == "flat" else tuple(shape)
+  return (size,) if base == "flat" else tuple(shape)
 
 
 def _expand(rows, num_layers: int) -> dict[str, tuple[str, int | tuple[int, int] | None, str]]:

@@ -6,15 +6,18 @@ HF numbers layers globally; our stacks hold one kind each, so each layered row l
 (HF layer, stack index) pairs.
 """
 
+import functools
+
 from flax import traverse_util
 
 from xlazoo.models.hybrid import Config, param_decls
 
 
-def _mixer(hf: str, ours: str) -> list[tuple]:
+def _mixer(c: Config, hf: str, ours: str) -> list[tuple]:
   """The Mamba-2 mixer at HF module `hf` (a pattern in {i}) and our group `ours`."""
+  z = c.inner + c.conv_dim + c.num_heads  # in_proj's outputs; ours has zero columns after them
   return [
-      (f"{hf}.in_proj.weight", f"{ours}/w_in_DZ", "in"),
+      (f"{hf}.in_proj.weight", f"{ours}/w_in_DZ", f"in:{z}"),
       (f"{hf}.conv1d.weight", f"{ours}/conv_w_WE", "conv"),
       (f"{hf}.dt_bias", f"{ours}/dt_bias_N", "flat"),
       (f"{hf}.A_log", f"{ours}/A_log_N", "flat"),
@@ -22,7 +25,7 @@ def _mixer(hf: str, ours: str) -> list[tuple]:
       (f"{hf}.norm.weight", f"{ours}/gate_norm/scale", "flat"),
       (f"{hf}.out_proj.weight", f"{ours}/w_out_ID", "out"),
       (f"{hf}.conv1d.bias", f"{ours}/conv_b_E", "flat"),
-      (f"{hf}.in_proj.bias", f"{ours}/b_in_Z", "flat"),
+      (f"{hf}.in_proj.bias", f"{ours}/b_in_Z", f"flat:{z}"),
       (f"{hf}.out_proj.bias", f"{ours}/b_out_D", "flat"),
   ]
 
@@ -63,7 +66,7 @@ def _mamba2(c: Config) -> list[tuple]:
   return [
       ("backbone.embeddings.weight", "embed/table_VD", "same"),
       ("backbone.norm_f.weight", "final_norm/scale", "flat"),
-      *_layered([_norm(f"{layer}.norm", "mamba"), *_mixer(f"{layer}.mixer", "mamba")], _index(c.sublayers, "mamba")),
+      *_layered([_norm(f"{layer}.norm", "mamba"), *_mixer(c, f"{layer}.mixer", "mamba")], _index(c.sublayers, "mamba")),
   ]
 
 
@@ -72,7 +75,7 @@ def _bamba(c: Config) -> list[tuple]:  # layer i: sublayers 2i (mamba or attenti
   return [
       ("model.embed_tokens.weight", "embed/table_VD", "same"),
       ("model.final_layernorm.weight", "final_norm/scale", "flat"),
-      *_layered([_norm(f"{layer}.input_layernorm", "mamba"), *_mixer(f"{layer}.mamba", "mamba")], _index(mixers, "mamba")),
+      *_layered([_norm(f"{layer}.input_layernorm", "mamba"), *_mixer(c, f"{layer}.mamba", "mamba")], _index(mixers, "mamba")),
       *_layered([_norm(f"{layer}.input_layernorm", "attn"), *_attention(f"{layer}.self_attn", "attn")], _index(mixers, "attn")),
       *_layered([_norm(f"{layer}.pre_ff_layernorm", "mlp"), *_mlp(f"{layer}.feed_forward", "mlp")],
                 [(i, i) for i in range(len(mixers))]),
@@ -96,7 +99,7 @@ def _nemotron_h(c: Config) -> list[tuple]:  # one sublayer per layer, each a "mi
   return [
       ("backbone.embeddings.weight", "embed/table_VD", "same"),
       ("backbone.norm_f.weight", "final_norm/scale", "flat"),
-      *[r for kind, rows in (("mamba", _mixer), ("attn", _attention), ("mlp", _mlp), ("moe", _moe))
+      *[r for kind, rows in (("mamba", functools.partial(_mixer, c)), ("attn", _attention), ("mlp", _mlp), ("moe", _moe))
         for r in _layered([_norm(f"{layer}.norm", kind), *rows(f"{layer}.mixer", kind)], _index(kinds, kind))],
       *_layered([(f"{layer}.mixer.experts.{{e}}.up_proj.weight", "moe/w_up_XDF", "in"),  # one tensor per expert
                  (f"{layer}.mixer.experts.{{e}}.down_proj.weight", "moe/w_down_XFD", "out")],
@@ -109,7 +112,7 @@ def _falcon_h1(c: Config) -> list[tuple]:  # layer i: a hybrid sublayer, then th
   return [
       ("model.embed_tokens.weight", "embed/table_VD", "same"),
       ("model.final_layernorm.weight", "final_norm/scale", "flat"),
-      *_layered([_norm(f"{layer}.input_layernorm", "hybrid"), *_mixer(f"{layer}.mamba", "hybrid/mamba"),
+      *_layered([_norm(f"{layer}.input_layernorm", "hybrid"), *_mixer(c, f"{layer}.mamba", "hybrid/mamba"),
                  *_attention(f"{layer}.self_attn", "hybrid/attn"),
                  _norm(f"{layer}.pre_ff_layernorm", "mlp"), *_mlp(f"{layer}.feed_forward", "mlp")], layers),
   ]
@@ -141,9 +144,9 @@ def _zamba2(c: Config) -> list[tuple]:
   return [
       ("model.embed_tokens.weight", "embed/table_VD", "same"),
       ("model.final_layernorm.weight", "final_norm/scale", "flat"),
-      *_layered([_norm(f"{layer}.input_layernorm", "mamba"), *_mixer(f"{layer}.mamba", "mamba")], _index(kinds, "mamba")),
+      *_layered([_norm(f"{layer}.input_layernorm", "mamba"), *_mixer(c, f"{layer}.mamba", "mamba")], _index(kinds, "mamba")),
       *_layered([_norm(f"{layer}.mamba_decoder.input_layernorm", "shared/mamba"),
-                 *_mixer(f"{layer}.mamba_decoder.mamba", "shared/mamba"),
+                 *_mixer(c, f"{layer}.mamba_decoder.mamba", "shared/mamba"),
                  (f"{layer}.linear.weight", "shared/w_DD", "in")], _index(kinds, "shared")),
       *_layered(adapters, [({"i": hybrid[j], "j": k}, k) for j, k in slots if reads(j, k)]),
       *_layered(tied(adapters), [({"i": hybrid[j], "j": k}, k) for j, k in slots if not reads(j, k)]),

