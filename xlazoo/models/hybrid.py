@@ -134,7 +134,7 @@ class Config:
     return self.inner + 2 * self.n_groups * self.state_size
 
   @property
-  def in_proj_width(self) -> int:  # Z: in_proj's I + E + N outputs, zero columns up to a multiple of 128
+  def in_proj_width(self) -> int:  # Z: in_proj's I + E + N outputs, then unused columns up to a multiple of 128
     return -(-(self.inner + self.conv_dim + self.num_heads) // 128) * 128
 
   @property
