@@ -26,7 +26,8 @@ def test_named_shapes_have_their_published_sizes():
   assert llama.attn == ((32, 32, 8, 128),)
   assert llama.weight_bytes == 2 * llama.matmul_weights + 2 * (65 * 4096)  # bf16; plus the 65 norm scales
   mamba = bench.count(_abstract(bench.SHAPES["mamba2-2.7b"]))
-  assert mamba.matmul_weights == pytest.approx(2.70e9, rel=2e-3) and mamba.attn == ()
+  padding = 64 * 2560 * (10624 - 10576)  # in_proj's padding columns: read and multiplied, so counted
+  assert mamba.matmul_weights - padding == pytest.approx(2.70e9, rel=2e-3) and mamba.attn == ()
 
 
 def test_flops_and_bytes_follow_the_conventions():

@@ -4,7 +4,7 @@ Counting conventions (stated once, used by `xlazoo bench` and every script in be
 - Model FLOPs = 2 x (matmul weights a token uses) x tokens + 4 N H per (query, key) pair of each
   attention layer (the causal half only). Embedding lookups are free; a tied head counts as a
   matmul; of routed experts, top-k / E of the weights count. The SSD scan's own arithmetic is not
-  counted (about 3% at the Mamba-2 2.7B shape).
+  counted (about 3% at the Mamba-2 2.7B shape); in_proj's padding columns are (0.3% there).
 - Bytes of a decode step = every weight the step reads once + the cache it must read (each row's
   KV entries up to its own length, and the SSM and conv states read and written).
 - Ceilings: a large bfloat16 matrix product and a large device-to-device copy (bytes read + written),
