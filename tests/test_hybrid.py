@@ -200,7 +200,7 @@ def test_convert_export_roundtrip(tmp_path, model_type, overrides):
   original, exported = load_file(Path(src) / "model.safetensors"), load_file(Path(back) / "model.safetensors")
   assert all(np.array_equal(x, original[k]) for k, x in exported.items())
   c, params = (m := xlazoo.load(zoo)).config, traverse_util.flatten_dict(m.params, sep="/")
-  z = c.inner + c.conv_dim + c.num_heads
+  z = c.inner + c.conv_dim + c.num_heads  # = c.in_proj_outputs, spelled out
   in_proj = {k: v for k, v in params.items() if k.endswith(("w_in_DZ", "b_in_Z"))}
   assert in_proj and all(v.shape[-1] == c.in_proj_width for v in in_proj.values())
   assert c.in_proj_width % 128 == 0 and c.in_proj_width - z < 128

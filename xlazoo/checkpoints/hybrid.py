@@ -15,7 +15,7 @@ from xlazoo.models.hybrid import Config, param_decls
 
 def _mixer(c: Config, hf: str, ours: str) -> list[tuple]:
   """The Mamba-2 mixer at HF module `hf` (a pattern in {i}) and our group `ours`."""
-  z = c.inner + c.conv_dim + c.num_heads  # in_proj's outputs; ours has zero columns after them
+  z = c.in_proj_outputs  # ours has zero columns after them
   return [
       (f"{hf}.in_proj.weight", f"{ours}/w_in_DZ", f"in:{z}"),
       (f"{hf}.conv1d.weight", f"{ours}/conv_w_WE", "conv"),

@@ -134,8 +134,12 @@ class Config:
     return self.inner + 2 * self.n_groups * self.state_size
 
   @property
-  def in_proj_width(self) -> int:  # Z: in_proj's I + E + N outputs, then unused columns up to a multiple of 128
-    return -(-(self.inner + self.conv_dim + self.num_heads) // 128) * 128
+  def in_proj_outputs(self) -> int:  # I + E + N: in_proj's z, x B C and dt
+    return self.inner + self.conv_dim + self.num_heads
+
+  @property
+  def in_proj_width(self) -> int:  # Z: in_proj_outputs, then unused columns up to a multiple of 128
+    return -(-self.in_proj_outputs // 128) * 128
 
   @property
   def num_layers(self) -> int:  # as Hugging Face counts them: a Bamba or Falcon-H1 layer ends with its MLP
@@ -517,7 +521,7 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B):
   m = c.mults
   if m.ssm_in != 1.0:
     h_BTD = h_BTD * jnp.asarray(m.ssm_in, h_BTD.dtype)
-  zxbcdt_BTZ = linear(h_BTD, p["w_in_DZ"], "BTD,DZ->BTZ", p.get("b_in_Z"))[..., : I + c.conv_dim + N]
+  zxbcdt_BTZ = linear(h_BTD, p["w_in_DZ"], "BTD,DZ->BTZ", p.get("b_in_Z"))[..., : c.in_proj_outputs]
   if m.ssm != (1.0,) * 5:  # Falcon-H1: one multiplier per slice z, x, B, C, dt
     sizes = (I, I, G * Q, G * Q, N)
     zxbcdt_BTZ = zxbcdt_BTZ * jnp.asarray(np.repeat(m.ssm, sizes), zxbcdt_BTZ.dtype)
