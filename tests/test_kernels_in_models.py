@@ -1,5 +1,5 @@
 """The models with every Mosaic GPU kernel that applies switched on: flash attention, the SSD scan (prefill),
-decode attention and the layer GEMVs (decode steps).
+decode attention, the layer GEMVs and the Mamba-2 mixer step (decode steps).
 
 A bfloat16 Llama and Mamba-2, shaped so that each kernel's shape rules hold, run a prefill with a cache
 and then decode steps on fixed tokens; each step's logits must match those of the same model on the jnp
@@ -15,7 +15,7 @@ import pytest
 from tests.mosaic_gpu import AVAILABLE, INTERPRET
 from tests.parity import rel_err
 from xlazoo import bench
-from xlazoo.ops.pallas import attention_gpu, decode_gpu, matvec_gpu, ssd_gpu
+from xlazoo.ops.pallas import attention_gpu, decode_gpu, matvec_gpu, mixer_step_gpu, ssd_gpu
 
 if not AVAILABLE:
   pytest.skip("no GPU and no Mosaic GPU interpreter in this JAX", allow_module_level=True)
@@ -27,6 +27,7 @@ KERNELS = {  # module: its entry points that take `interpret`
     attention_gpu: ("flash_attention",),
     decode_gpu: ("decode_attention",),
     matvec_gpu: ("layer_matmuls",),
+    mixer_step_gpu: ("step",),
     ssd_gpu: ("ssd",),
 }
 LLAMA = dict(  # head dim 64 (flash), the q/k/v, o, gate/up and down GEMVs >= 128 columns
@@ -78,7 +79,7 @@ def test_kernels_match_the_references_in_a_model(monkeypatch, hf, batch):
       monkeypatch.setattr(module, name, counted)
   out = _run(model, prompt_BT, steps_BS)
 
-  want = {"decode_attention", "layer_matmuls", "flash_attention"} if hf is LLAMA else {"ssd", "layer_matmuls"}
+  want = {"decode_attention", "layer_matmuls", "flash_attention"} if hf is LLAMA else {"ssd", "layer_matmuls", "step"}
   assert set(calls) == want, calls
   for s, (o, r) in enumerate(zip(out, ref, strict=True)):
     assert rel_err(o, r) < BF16_TOL, (s, rel_err(o, r))

@@ -38,12 +38,12 @@ from flax import struct
 
 from xlazoo.models import transformer
 from xlazoo.models.params import Param, init_params, layer_params
-from xlazoo.ops.conv import causal_conv, conv_state, conv_step
+from xlazoo.ops.conv import causal_conv, conv_state
 from xlazoo.ops.mlp import ACTIVATIONS, linear, linears
 from xlazoo.ops.moe import route_sigmoid, routed_mlp
 from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.rope import Rope
-from xlazoo.ops.ssd import ssd, ssd_step
+from xlazoo.ops.ssd import mixer_step, ssd
 
 MODEL_TYPES = ("mamba2", "bamba", "nemotron_h", "falcon_h1", "zamba2")
 KINDS = ("mamba", "attn", "mlp", "moe", "hybrid", "shared")
@@ -521,39 +521,40 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B):
   m = c.mults
   if m.ssm_in != 1.0:
     h_BTD = h_BTD * jnp.asarray(m.ssm_in, h_BTD.dtype)
-  zxbcdt_BTZ = linear(h_BTD, p["w_in_DZ"], "BTD,DZ->BTZ", p.get("b_in_Z"))[..., : c.in_proj_outputs]
+  zxbcdt_BTZ = linear(h_BTD, p["w_in_DZ"], "BTD,DZ->BTZ", p.get("b_in_Z"))  # z, x B C, dt, then padding
   if m.ssm != (1.0,) * 5:  # Falcon-H1: one multiplier per slice z, x, B, C, dt
-    sizes = (I, I, G * Q, G * Q, N)
-    zxbcdt_BTZ = zxbcdt_BTZ * jnp.asarray(np.repeat(m.ssm, sizes), zxbcdt_BTZ.dtype)
-  z_BTI, xbc_BTE, dt_BTN = jnp.split(zxbcdt_BTZ, [I, I + c.conv_dim], axis=-1)
-  step = cache is not None and T == 1
-  if step:
-    y_BE, new_conv = conv_step(cache.conv_LBWE[layer], xbc_BTE[:, 0], p["conv_w_WE"], p.get("conv_b_E"))
-    xbc_BTE = y_BE[:, None]
+    sizes = (I, I, G * Q, G * Q, N, c.in_proj_width - c.in_proj_outputs)
+    zxbcdt_BTZ = zxbcdt_BTZ * jnp.asarray(np.repeat(m.ssm + (1.0,), sizes), zxbcdt_BTZ.dtype)
+  z_BTI, xbc_BTE, dt_BTN, _ = jnp.split(zxbcdt_BTZ, [I, I + c.conv_dim, c.in_proj_outputs], axis=-1)
+  if cache is not None and T == 1:  # a decode step: the caches and the mixer's vectors read in their stacks
+    y_BI, conv_LBWE, ssm_LBNPQ = mixer_step(
+        zxbcdt_BTZ[:, 0], cache.conv_LBWE, cache.ssm_LBNPQ, layer, p["conv_w_WE"], p.get("conv_b_E"), p["dt_bias_N"],
+        p["A_log_N"], p["D_N"], groups=G)
+    y_BTNP, cache = y_BI.reshape(Bsz, 1, N, P), cache.replace(conv_LBWE=conv_LBWE, ssm_LBNPQ=ssm_LBNPQ)
   else:
     before = cache.conv_LBWE[layer] if cache is not None else None
     if cache is not None:
       n_B = lengths_B if lengths_B is not None else jnp.full((Bsz,), T, jnp.int32)
       new_conv = conv_state(xbc_BTE, n_B, W, before)
     xbc_BTE = causal_conv(xbc_BTE, p["conv_w_WE"], p.get("conv_b_E"), before)
-  # x, B and C in the activations' dtype (as transformers and mamba_ssm have them): bfloat16 operands of
-  # the SSD's matmuls in a bfloat16 model.
-  xbc_BTE = jax.nn.silu(xbc_BTE).astype(zxbcdt_BTZ.dtype)
-  x_BTI, b_BTG, c_BTG = jnp.split(xbc_BTE, [I, I + G * Q], axis=-1)
-  x_BTNP = x_BTI.reshape(Bsz, T, N, P)
-  b_BTGQ, c_BTGQ = b_BTG.reshape(Bsz, T, G, Q), c_BTG.reshape(Bsz, T, G, Q)
-  dt_BTN = jax.nn.softplus(dt_BTN.astype(jnp.float32) + p["dt_bias_N"].astype(jnp.float32))
-  A_N = -jnp.exp(p["A_log_N"].astype(jnp.float32))
-  if step:  # no dt limits in the step, as in transformers and mamba_ssm
-    y_BNP, state = ssd_step(cache.ssm_LBNPQ[layer], x_BTNP[:, 0], dt_BTN[:, 0], A_N, b_BTGQ[:, 0], c_BTGQ[:, 0],
-                            p["D_N"])
-    y_BTNP = y_BNP[:, None]
-  else:
-    dt_BTN = jnp.clip(dt_BTN, c.dt_min, c.dt_max)
+    # x, B and C in the activations' dtype (as transformers and mamba_ssm have them): bfloat16 operands of
+    # the SSD's matmuls in a bfloat16 model.
+    xbc_BTE = jax.nn.silu(xbc_BTE).astype(zxbcdt_BTZ.dtype)
+    x_BTI, b_BTG, c_BTG = jnp.split(xbc_BTE, [I, I + G * Q], axis=-1)
+    x_BTNP = x_BTI.reshape(Bsz, T, N, P)
+    b_BTGQ, c_BTGQ = b_BTG.reshape(Bsz, T, G, Q), c_BTG.reshape(Bsz, T, G, Q)
+    dt_BTN = jax.nn.softplus(dt_BTN.astype(jnp.float32) + p["dt_bias_N"].astype(jnp.float32))
+    A_N = -jnp.exp(p["A_log_N"].astype(jnp.float32))
+    dt_BTN = jnp.clip(dt_BTN, c.dt_min, c.dt_max)  # the step has no dt limits, as in transformers and mamba_ssm
     if lengths_B is not None:  # padding: dt = 0 leaves the state as it is
       dt_BTN = jnp.where(jnp.arange(T)[None, :, None] < lengths_B[:, None, None], dt_BTN, 0.0)
     init = cache.ssm_LBNPQ[layer] if cache is not None else None
     y_BTNP, state = ssd(x_BTNP, dt_BTN, A_N, b_BTGQ, c_BTGQ, chunk=c.chunk_size, state_BNPQ=init, D_N=p["D_N"])
+    if cache is not None:
+      cache = cache.replace(
+          conv_LBWE=jax.lax.dynamic_update_index_in_dim(cache.conv_LBWE, new_conv.astype(cache.conv_LBWE.dtype), layer, 0),
+          ssm_LBNPQ=jax.lax.dynamic_update_index_in_dim(cache.ssm_LBNPQ, state, layer, 0),
+      )
   y_BTI, gate_BTI = y_BTNP.reshape(Bsz, T, I).astype(jnp.float32), jax.nn.silu(z_BTI.astype(jnp.float32))
   if c.gate_norm is None:
     v_BTI = y_BTI * gate_BTI
@@ -567,11 +568,6 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B):
   out_BTD = linear(v_BTI.astype(h_BTD.dtype), p["w_out_ID"], "BTI,ID->BTD", p.get("b_out_D"))
   if m.ssm_out != 1.0:
     out_BTD = out_BTD * jnp.asarray(m.ssm_out, out_BTD.dtype)
-  if cache is not None:
-    cache = cache.replace(
-        conv_LBWE=jax.lax.dynamic_update_index_in_dim(cache.conv_LBWE, new_conv.astype(cache.conv_LBWE.dtype), layer, 0),
-        ssm_LBNPQ=jax.lax.dynamic_update_index_in_dim(cache.ssm_LBNPQ, state, layer, 0),
-    )
   return out_BTD, cache
 
 

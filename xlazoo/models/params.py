@@ -72,14 +72,20 @@ class Model:
 
 
 
+# The Mamba-2 mixer's per-layer vectors, which its decode step (ops.ssd.mixer_step) reads in their stacks.
+MIXER_STEP_KEYS = ("conv_w_WE", "conv_b_E", "dt_bias_N", "A_log_N", "D_N")
+
+
 def _in_place(key: str) -> bool:
-  """Matrices that `linear` reads (w..._<dims>), not the experts' stacks (..._X..), which the MoE op reads."""
-  return key.startswith("w") and "X" not in key.rsplit("_", 1)[-1]
+  """Matrices that `linear` reads (w..._<dims>), not the experts' stacks (..._X..), which the MoE op reads;
+  and the mixer step's vectors."""
+  return (key.startswith("w") and "X" not in key.rsplit("_", 1)[-1]) or key in MIXER_STEP_KEYS
 
 
 def layer_params(tree: dict, i: jax.Array, *, in_place: bool = False) -> dict:
-  """Layer i of a tree of [L, ...] stacks. in_place (decode): `linear`'s matrices stay in their stacks as
-  LayerWeight, which a kernel reads where they lie; everything else is sliced out."""
+  """Layer i of a tree of [L, ...] stacks. in_place (decode): `linear`'s matrices and the mixer step's
+  vectors stay in their stacks as LayerWeight, which a kernel reads where they lie; everything else is
+  sliced out."""
   def one(path, a):
     if in_place and _in_place(getattr(path[-1], "key", "")):
       return LayerWeight(a, i)

@@ -22,7 +22,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from xlazoo.ops.pallas import ssd_gpu
+from xlazoo.ops.conv import conv_step
+from xlazoo.ops.mlp import LayerWeight
+from xlazoo.ops.pallas import mixer_step_gpu, ssd_gpu
 
 f32 = jnp.float32
 
@@ -156,3 +158,39 @@ def ssd_step(
   if D_N is not None:
     y_BNP = y_BNP + D_N.astype(f32)[:, None] * x_BNP.astype(f32)
   return y_BNP.astype(x_BNP.dtype), state.reshape(Bsz, N, P, Q)
+
+
+def mixer_step(
+    zx_BZ: jax.Array, conv_LBWE: jax.Array, ssm_LBNPQ: jax.Array, layer, conv_w: LayerWeight, conv_b: LayerWeight | None,
+    dt_bias: LayerWeight, A_log: LayerWeight, D: LayerWeight, *, groups: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One decode step of the Mamba-2 mixer on layer `layer` of the caches: (y [B, N P] in zx's dtype, the conv
+  state stack, the SSM state stack), both stacks with that layer stepped.
+
+  zx: in_proj's output [B, >= I + E + N] (z, x B C, dt; trailing columns are ignored). The parameters are
+  LayerWeights (stacks [K, ...] and their layer; conv_b may be None). On a Hopper GPU, where
+  `mixer_step_gpu.supported`, this is one Mosaic GPU kernel; elsewhere `mixer_step_reference`.
+  """
+  if mixer_step_gpu.supported(zx_BZ, conv_LBWE, ssm_LBNPQ, conv_w.stack):
+    y_BI, conv_BWE, ssm_LBNPQ = mixer_step_gpu.step(
+        zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w.stack, None if conv_b is None else conv_b.stack, dt_bias.stack,
+        A_log.stack, D.stack, conv_w.layer, groups=groups)
+    return y_BI, jax.lax.dynamic_update_index_in_dim(conv_LBWE, conv_BWE, layer, 0), ssm_LBNPQ
+  return mixer_step_reference(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w, conv_b, dt_bias, A_log, D, groups=groups)
+
+
+def mixer_step_reference(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w, conv_b, dt_bias, A_log, D, *, groups):
+  """`mixer_step` in jnp: the conv step, silu, then `ssd_step`."""
+  Bsz = zx_BZ.shape[0]
+  N, P, Q = ssm_LBNPQ.shape[2:]
+  I, E, GQ = N * P, conv_LBWE.shape[3], groups * Q
+  xbc_BE, new_conv_BWE = conv_step(conv_LBWE[layer], zx_BZ[:, I : I + E], conv_w.get(),
+                                   None if conv_b is None else conv_b.get())
+  xbc_BE = jax.nn.silu(xbc_BE).astype(zx_BZ.dtype)
+  x_BNP = xbc_BE[:, :I].reshape(Bsz, N, P)
+  B_BGQ, C_BGQ = (a.reshape(Bsz, groups, Q) for a in (xbc_BE[:, I : I + GQ], xbc_BE[:, I + GQ :]))
+  dt_BN = jax.nn.softplus(zx_BZ[:, I + E : I + E + N].astype(f32) + dt_bias.get().astype(f32))
+  y_BNP, state_BNPQ = ssd_step(ssm_LBNPQ[layer], x_BNP, dt_BN, -jnp.exp(A_log.get().astype(f32)), B_BGQ, C_BGQ,
+                               D.get())
+  conv_LBWE = jax.lax.dynamic_update_index_in_dim(conv_LBWE, new_conv_BWE.astype(conv_LBWE.dtype), layer, 0)
+  return y_BNP.reshape(Bsz, I), conv_LBWE, jax.lax.dynamic_update_index_in_dim(ssm_LBNPQ, state_BNPQ, layer, 0)

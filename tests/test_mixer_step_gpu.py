@@ -1,0 +1,136 @@
+"""The Mosaic GPU Mamba-2 mixer step (xlazoo.ops.pallas.mixer_step_gpu) against its jnp reference
+(xlazoo.ops.ssd.mixer_step_reference) on the same inputs.
+
+Batch 1 to 3, groups 1 to 3, state sizes 64 and 128, conv widths 2 to 4 with and without a bias, bfloat16 and
+float16, the caches' layer apart from the parameters' layer. The new conv state is a copy (exact); y and the
+state agree to the rounding of the 16-bit conv output (the kernel's sums run in another order). The other
+layers of both stacks must come back untouched. On the CPU the kernel runs in the Mosaic GPU interpreter;
+the compiled path's lowering (register layouts, the SSM stack aliased in place) is checked separately.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.mosaic_gpu import AVAILABLE, INTERPRET, ON_GPU
+from xlazoo.ops import ssd as ssd_ops
+from xlazoo.ops.mlp import LayerWeight
+from xlazoo.ops.pallas import mixer_step_gpu
+
+if not AVAILABLE:
+  pytest.skip("no GPU and no Mosaic GPU interpreter in this JAX", allow_module_level=True)
+
+pytestmark = pytest.mark.usefixtures("mosaic_gpu_interpreter")
+
+TOL = 2e-2  # one 16-bit rounding of the conv output, relative to the largest value
+
+
+def _inputs(Bsz, N, G, Q, W, bias, dtype, seed, L=3, K=4, P=64):
+  """zx (with trailing columns the step ignores, up to a multiple of 8 and 8 more), the two cache stacks of L layers and K layers of
+  parameters, at the scales of a trained model's (dt_bias around -4 to 1, A_log 0 to 3)."""
+  I, E = N * P, N * P + 2 * G * Q
+  k = jax.random.split(jax.random.key(seed), 8)
+  normal = lambda key, shape, scale=1.0: (scale * jax.random.normal(key, shape)).astype(dtype)  # noqa: E731
+  zx = normal(k[0], (Bsz, -(-(I + E + N) // 8) * 8 + 8))
+  conv = normal(k[1], (L, Bsz, W - 1, E))
+  ssm = jax.random.normal(k[2], (L, Bsz, N, P, Q), jnp.float32)
+  params = dict(
+      conv_w=normal(k[3], (K, W, E), 0.5),
+      conv_b=normal(k[4], (K, E), 0.5) if bias else None,
+      dt_bias=jax.random.uniform(k[5], (K, N), jnp.float32, -4.0, 1.0).astype(dtype),
+      A_log=jax.random.uniform(k[6], (K, N), jnp.float32, 0.0, 3.0).astype(dtype),
+      D=normal(k[7], (K, N)),
+  )
+  return zx, conv, ssm, params
+
+
+def _rel(x, ref):
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  return float(np.abs(x - ref).max() / np.abs(ref).max())
+
+
+CASES = [  # (B, N, G, Q, W, bias, dtype)
+    pytest.param(1, 4, 1, 128, 4, True, jnp.bfloat16, id="b1-g1-q128"),
+    pytest.param(2, 4, 2, 64, 4, False, jnp.bfloat16, id="b2-g2-q64-nobias"),
+    pytest.param(3, 6, 3, 64, 3, True, jnp.float16, id="b3-g3-w3-f16"),
+    pytest.param(1, 2, 1, 64, 2, True, jnp.bfloat16, id="b1-w2"),
+]
+
+
+@pytest.mark.parametrize("Bsz,N,G,Q,W,bias,dtype", CASES)
+def test_matches_reference(Bsz, N, G, Q, W, bias, dtype):
+  zx, conv, ssm, params = _inputs(Bsz, N, G, Q, W, bias, dtype, seed=Bsz * 10 + W)
+  layer, k = 1, 2
+  args = (params["conv_w"], params["conv_b"], params["dt_bias"], params["A_log"], params["D"])
+  y, conv_BWE, ssm_new = jax.jit(lambda *a: mixer_step_gpu.step(*a, groups=G, interpret=INTERPRET))(
+      zx, conv, ssm, layer, *args, k)
+  weights = [None if a is None else LayerWeight(a, k) for a in args]
+  y_ref, conv_ref, ssm_ref = ssd_ops.mixer_step_reference(zx, conv, ssm, layer, *weights, groups=G)
+  assert y.shape == y_ref.shape and y.dtype == dtype and conv_BWE.dtype == dtype and ssm_new.shape == ssm.shape
+  np.testing.assert_array_equal(np.asarray(conv_BWE, np.float32), np.asarray(conv_ref[layer], np.float32))
+  assert _rel(y, y_ref) < TOL and _rel(ssm_new[layer], ssm_ref[layer]) < TOL, (_rel(y, y_ref), _rel(ssm_new, ssm_ref))
+  others = [i for i in range(ssm.shape[0]) if i != layer]
+  np.testing.assert_array_equal(np.asarray(ssm_new)[others], np.asarray(ssm)[others])
+
+
+def test_state_carries_over_steps():
+  """Four steps in a row through the dispatch (ops.ssd.mixer_step), each on the state the last one left."""
+  zx, conv, ssm, params = _inputs(2, 4, 2, 64, 4, True, jnp.bfloat16, seed=7)
+  weights = [LayerWeight(params[n], 3) for n in ("conv_w", "conv_b", "dt_bias", "A_log", "D")]
+  zxs = [zx] + [jax.random.normal(jax.random.key(s), zx.shape).astype(zx.dtype) for s in range(3)]
+
+  def run(fn):
+    step = jax.jit(lambda z, c, s: fn(z, c, s, 0, *weights, groups=2))
+    c, s, ys = conv, ssm, []
+    for z in zxs:
+      y, c, s = step(z, c, s)
+      ys.append(y)
+    return jnp.stack(ys), c, s
+
+  ref = run(ssd_ops.mixer_step_reference)
+  with pytest.MonkeyPatch.context() as mp:
+    kernel = mixer_step_gpu.step
+    calls = []
+    mp.setattr(mixer_step_gpu, "on_hopper", lambda: True)
+    mp.setattr(mixer_step_gpu, "step", lambda *a, **kw: calls.append(1) or kernel(*a, **kw, interpret=INTERPRET))
+    out = run(ssd_ops.mixer_step)
+  assert len(calls) == 1  # traced once, run four times
+  np.testing.assert_array_equal(np.asarray(out[1], np.float32), np.asarray(ref[1], np.float32))
+  assert _rel(out[0], ref[0]) < TOL and _rel(out[2], ref[2]) < TOL, (_rel(out[0], ref[0]), _rel(out[2], ref[2]))
+
+
+@pytest.mark.parametrize("Q,bias", [(64, False), (128, True)])
+def test_lowers_to_mosaic_gpu_in_place(Q, bias):
+  """The compiled path lowers, also on a CPU-only machine, to one Mosaic GPU kernel whose SSM stack output is
+  its input's buffer."""
+  S = jax.ShapeDtypeStruct
+  N, G, E, bf = 8, 2, 8 * 64 + 4 * Q, jnp.bfloat16
+  i32 = S((), jnp.int32)
+  args = (S((2, 64 * N + E + N + 8), bf), S((3, 2, 3, E), bf), S((3, 2, N, 64, Q), jnp.float32), i32,
+          S((5, 4, E), bf), S((5, E), bf) if bias else None, S((5, N), bf), S((5, N), bf), S((5, N), bf), i32)
+  text = jax.jit(lambda *a: mixer_step_gpu.step(*a, groups=G)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu") == 1
+  assert "output_operand_aliases = [#stablehlo.output_operand_alias<output_tuple_indices = [2], operand_index = 3" in text
+
+
+def test_supported(monkeypatch):
+  zx = jnp.zeros((1, 768), jnp.bfloat16)
+  conv, ssm, w = jnp.zeros((2, 1, 3, 384), jnp.bfloat16), jnp.zeros((2, 1, 4, 64, 64)), jnp.zeros((2, 4, 384), jnp.bfloat16)
+  assert mixer_step_gpu.supported(zx, conv, ssm, w) == ON_GPU
+  monkeypatch.setattr(mixer_step_gpu, "on_hopper", lambda: True)  # the shape rules, on any machine
+  assert mixer_step_gpu.supported(zx, conv, ssm, w)
+  assert mixer_step_gpu.supported(zx.astype(jnp.float16), conv.astype(jnp.float16), ssm, w)
+  assert not mixer_step_gpu.supported(zx[:, :644], conv, ssm, w)  # rows of 1288 bytes: not for TMA
+  assert not mixer_step_gpu.supported(zx.astype(jnp.float32), conv.astype(jnp.float32), ssm, w)
+  assert not mixer_step_gpu.supported(zx, conv.astype(jnp.float32), ssm, w)  # conv state in another dtype
+  assert not mixer_step_gpu.supported(zx, conv, ssm.astype(jnp.bfloat16), w)
+  assert not mixer_step_gpu.supported(zx, conv, ssm[..., :32, :], w)  # P != 64
+  assert not mixer_step_gpu.supported(zx, conv, jnp.zeros((2, 1, 4, 64, 256)), w)  # Q = 256
+  assert not mixer_step_gpu.supported(zx[0], conv, ssm, w)
+
+
+def test_shape_mismatch_is_an_error():
+  zx, conv, ssm, p = _inputs(1, 4, 1, 64, 4, True, jnp.bfloat16, seed=0)
+  with pytest.raises(ValueError, match="do not fit together"):
+    mixer_step_gpu.step(zx, conv, ssm, 0, p["conv_w"], p["conv_b"], p["dt_bias"], p["A_log"], p["D"], 0, groups=2)
