@@ -31,8 +31,8 @@ TOL = 2e-2  # one 16-bit rounding of the conv output, relative to the largest va
 
 
 def _inputs(Bsz, N, G, Q, W, bias, dtype, seed, L=3, K=4, P=64):
-  """zx (with trailing columns the step ignores, up to a multiple of 8 and 8 more), the two cache stacks of L layers and K layers of
-  parameters, at the scales of a trained model's (dt_bias around -4 to 1, A_log 0 to 3)."""
+  """zx (with trailing columns the step ignores: up to a multiple of 8, and 8 more), the two cache stacks of
+  L layers, and K layers of parameters at a trained model's scales (dt_bias -4 to 1, A_log 0 to 3)."""
   I, E = N * P, N * P + 2 * G * Q
   k = jax.random.split(jax.random.key(seed), 8)
   normal = lambda key, shape, scale=1.0: (scale * jax.random.normal(key, shape)).astype(dtype)  # noqa: E731

@@ -77,8 +77,9 @@ def step(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w_LWE, conv_b_LE, dt_bias_LN, 
                      f"{G} groups do not fit together")
   interpret = interpret_params(interpret)
   has_bias = conv_b_LE is not None
-  args = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(param_layer, jnp.int32).reshape(1), zx_BZ, conv_LBWE, ssm_LBNPQ, conv_w_LWE, *([conv_b_LE] if has_bias else []), dt_bias_LN,
-          A_log_LN, D_LN]
+  index = lambda i: jnp.asarray(i, jnp.int32).reshape(1)  # noqa: E731
+  args = [index(layer), index(param_layer), zx_BZ, conv_LBWE, ssm_LBNPQ, conv_w_LWE, *([conv_b_LE] if has_bias else []),
+          dt_bias_LN, A_log_LN, D_LN]
   dtype = zx_BZ.dtype
   body = functools.partial(_kernel, R=N // G, has_bias=has_bias, interpret=interpret is not None)
 
