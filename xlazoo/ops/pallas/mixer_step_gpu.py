@@ -77,9 +77,6 @@ def step(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w_LWE, conv_b_LE, dt_bias_LN, 
                      f"{G} groups do not fit together")
   interpret = interpret_params(interpret)
   has_bias = conv_b_LE is not None
-  index = lambda i: jnp.asarray(i, jnp.int32).reshape(1)  # noqa: E731
-  args = [index(layer), index(param_layer), zx_BZ, conv_LBWE, ssm_LBNPQ, conv_w_LWE, *([conv_b_LE] if has_bias else []),
-          dt_bias_LN, A_log_LN, D_LN]
   dtype = zx_BZ.dtype
   body = functools.partial(_kernel, R=N // G, has_bias=has_bias, interpret=interpret is not None)
 
@@ -90,13 +87,16 @@ def step(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w_LWE, conv_b_LE, dt_bias_LN, 
   # The SSM stack goes in as a Ref: pl.kernel aliases it in and out, and the kernel writes one layer of it
   # in place. (plgpu.kernel's batching wrapper takes no Refs.)
   ssm_ref = jax.new_ref(ssm_LBNPQ, memory_space=plgpu.GMEM)
+  index = lambda i: jnp.asarray(i, jnp.int32).reshape(1)  # noqa: E731
+  args = [index(layer), index(param_layer), zx_BZ, conv_LBWE, ssm_ref, conv_w_LWE, *([conv_b_LE] if has_bias else []),
+          dt_bias_LN, A_log_LN, D_LN]
   y_BI, conv_BWE = pl.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((Bsz, I), dtype), jax.ShapeDtypeStruct((Bsz, W - 1, E), conv_LBWE.dtype)),
       mesh=plgpu.Mesh(grid=(N, Bsz), grid_names=("n", "b"), kernel_name="mixer_step"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(*args[:4], ssm_ref, *args[5:])
+  )(*args)
   return y_BI, conv_BWE, ssm_ref[...]
 
 
