@@ -76,7 +76,6 @@ def test_kernels_match_the_references_in_a_model(monkeypatch, hf, batch):
   ref = _run(model, prompt_BT, steps_BS)
 
   calls = {}
-  monkeypatch.setattr(mixer_step_gpu, "ENABLED", True)  # off by default (see there); its batch-2 grid here is one wave
   for module, entries in KERNELS.items():
     monkeypatch.setattr(module, "on_hopper", lambda: True)  # the shape rules decide
     for name in entries:

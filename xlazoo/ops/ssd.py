@@ -169,8 +169,8 @@ def mixer_step(
 
   zx: in_proj's output [B, >= I + E + N] (z, x B C, dt; trailing columns are ignored). The parameters are
   LayerWeights (stacks [K, ...] and their layer; conv_b may be None). On a Hopper GPU, where
-  `mixer_step_gpu.ENABLED` (off for now: see there) and `mixer_step_gpu.supported`, this is one Mosaic GPU
-  kernel; elsewhere `mixer_step_reference`.
+  `mixer_step_gpu.ENABLED` and `mixer_step_gpu.supported`, this is one Mosaic GPU kernel; elsewhere
+  `mixer_step_reference`.
   """
   if mixer_step_gpu.ENABLED and mixer_step_gpu.supported(zx_BZ, conv_LBWE, ssm_LBNPQ, conv_w.stack):
     y_BI, conv_BWE, ssm_LBNPQ = mixer_step_gpu.step(

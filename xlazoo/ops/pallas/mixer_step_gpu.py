@@ -39,12 +39,9 @@ import jax.numpy as jnp
 from xlazoo.ops.pallas import on_hopper
 from xlazoo.ops.pallas.hopper import interpret_params, tile
 
-# Whether `xlazoo.ops.ssd.mixer_step` takes this kernel. Off: on the H100, stepping 64 layers in a loop
-# sometimes gave wrong SSM states where the grid (heads x batch rows) exceeds one wave of CTAs (batch 3 and
-# 8 at Mamba-2 2.7B's 80 heads; differently from run to run), while batch 1 matched the reference computed
-# on the CPU exactly and single calls matched at batch 3. The cause is not found (griddepcontrol.wait did
-# not help); see benchmarks/RESULTS.md. The tests run it with the switch on.
-ENABLED = False
+# Whether `xlazoo.ops.ssd.mixer_step` takes this kernel where `supported` says it can (the switch the tests and
+# the A/B timings in benchmarks/RESULTS.md use).
+ENABLED = True
 f32 = jnp.float32
 
 
@@ -97,6 +94,11 @@ def step(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w_LWE, conv_b_LE, dt_bias_LN, 
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
   )(*args)
+  # The caller writes conv_BWE into the conv stack that this kernel reads. Left to itself, XLA's GPU
+  # dynamic-slice fusion has the kernel write it there directly, in place, and the heads that start late then
+  # read a B and C window their group's leader has already shifted (wrong states from batch 8 at 80 heads on
+  # the H100). The barrier keeps the output a buffer of its own.
+  conv_BWE = jax.lax.optimization_barrier(conv_BWE)
   return y_BI, conv_BWE, ssm_ref[...]
 
 
