@@ -101,6 +101,26 @@ def test_several_weights_in_one_launch(blocks):
     assert _rel_err(y, _reference(x_MK, w, 2)) < TOL
 
 
+@pytest.mark.parametrize("blocks, direct", [(4, True), (1, True), (3, False)])
+def test_out_dtype_rounds_in_the_kernel(blocks, direct):
+  """out_dtype: where every column tile's sum lies in one block (4 column tiles of 3 K tiles each, on 4
+  blocks or on 1), the kernel rounds it and writes it finished, the same bits as its float32 result rounded
+  by XLA; where tiles are split across blocks (3 blocks of 4 units) the result stays float32. Two weights
+  side by side, 384 and 128 wide."""
+  x_MK, w_LKN = _inputs(3, 192, 384, 2)
+  ws = [w_LKN, w_LKN[..., 64:192] * 2]
+  if ON_GPU and not matvec_gpu.supported(x_MK, *ws):
+    pytest.skip("not a Hopper GPU")
+  run = lambda out_dtype: matvec_gpu._layer_matmuls(x_MK, ws, 1, out_dtype=out_dtype, interpret=INTERPRET,  # noqa: E731
+                                                    blocks=blocks, block_k=64)
+  f32, rounded = run(None), run(jnp.bfloat16)
+  for y32, y, w in zip(f32, rounded, ws):
+    assert y32.dtype == jnp.float32 and y.shape == y32.shape
+    assert y.dtype == (jnp.bfloat16 if direct else jnp.float32)
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), np.asarray(y32.astype(y.dtype).astype(jnp.float32)))
+    assert _rel_err(y, _reference(x_MK, w, 1)) < TOL
+
+
 def test_layer_out_of_range_clamps_like_indexing():
   x_MK, w_LKN = _inputs(1, 128, 128, 2)
   if ON_GPU and not matvec_gpu.supported(x_MK, w_LKN):
@@ -150,7 +170,8 @@ def test_lowers_for_cuda(M, K, N):
   """The Mosaic GPU lowering (layouts, TMA tiling, wgmma operands) accepts the kernel, checked without a GPU."""
   x = jax.ShapeDtypeStruct((M, K), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((3, K, N), jnp.bfloat16)
-  f = jax.jit(lambda x, w, layer: matvec_gpu._layer_matmuls(x, [w, w[..., :N - 64]], layer, blocks=132))
+  f = jax.jit(lambda x, w, layer: matvec_gpu._layer_matmuls(x, [w, w[..., :N - 64]], layer, blocks=132)
+              + matvec_gpu._layer_matmuls(x, [w[..., :N // 128 * 128]], layer, out_dtype=jnp.bfloat16, blocks=N // 128))
   traced = f.trace(x, w, jax.ShapeDtypeStruct((), jnp.int32))
   try:
     lowered = traced.lower(lowering_platforms=("cuda",))
@@ -250,9 +271,9 @@ def test_linears_send_one_layers_weights_to_one_launch(monkeypatch):
 
   launches = []
 
-  def spy(x_MK, ws_LKN, layer):
+  def spy(x_MK, ws_LKN, layer, **kw):
     launches.append(len(ws_LKN))
-    return matvec_gpu._layer_matmuls(x_MK, list(ws_LKN), layer, interpret=INTERPRET)
+    return matvec_gpu._layer_matmuls(x_MK, list(ws_LKN), layer, interpret=INTERPRET, **kw)
 
   monkeypatch.setattr(matvec_gpu, "supported", lambda x_MK, *ws: True)
   monkeypatch.setattr(matvec_gpu, "layer_matmuls", spy)

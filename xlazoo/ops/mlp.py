@@ -38,9 +38,10 @@ class LayerWeight:
     return self.stack[self.layer]
 
 
-def _layer_matmuls(x: jax.Array, ws, subscripts) -> list[jax.Array] | None:
-  """x's trailing dims contracted with each w's leading ones by one GEMV kernel launch, or None where it
-  does not apply (a weight not a LayerWeight, a contraction of another form, shapes the kernel lacks)."""
+def _layer_matmuls(x: jax.Array, ws, subscripts, out_dtype=None) -> list[jax.Array] | None:
+  """x's trailing dims contracted with each w's leading ones by one GEMV kernel launch (float32, or out_dtype
+  where the kernel can round in place), or None where it does not apply (a weight not a LayerWeight, a
+  contraction of another form, shapes the kernel lacks)."""
   if not all(isinstance(w, LayerWeight) for w in ws):
     return None
   ks = []
@@ -58,7 +59,7 @@ def _layer_matmuls(x: jax.Array, ws, subscripts) -> list[jax.Array] | None:
   ws_LKN = [w.stack.reshape(w.stack.shape[0], x_MK.shape[1], -1) for w in ws]
   if not matvec_gpu.supported(x_MK, *ws_LKN) or any(w.layer is not ws[0].layer for w in ws):
     return None
-  ys = matvec_gpu.layer_matmuls(x_MK, ws_LKN, ws[0].layer)
+  ys = matvec_gpu.layer_matmuls(x_MK, ws_LKN, ws[0].layer, out_dtype=out_dtype)
   return [y.reshape(*x.shape[:-k], *w.stack.shape[1 + k:]) for y, w in zip(ys, ws)]
 
 
@@ -71,7 +72,9 @@ def linears(x: jax.Array, ws, subscripts, biases=None) -> list[jax.Array]:
   """[linear(x, w, s, b) for each weight]; in a decode step (LayerWeights of one layer) all of them in
   one GEMV kernel launch where it applies, else each alone."""
   biases = [None] * len(ws) if biases is None else biases
-  ys = _layer_matmuls(x, ws, subscripts) or [_matmul(x, w, s) for w, s in zip(ws, subscripts)]
+  # Without biases the sums are rounded to x's dtype at once: the GEMV kernel may do that itself.
+  out_dtype = x.dtype if all(b is None for b in biases) else None
+  ys = _layer_matmuls(x, ws, subscripts, out_dtype) or [_matmul(x, w, s) for w, s in zip(ws, subscripts)]
   return [(y if b is None else y + b.astype(jnp.float32)).astype(x.dtype) for y, b in zip(ys, biases)]
 
 

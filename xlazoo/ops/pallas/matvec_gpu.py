@@ -97,13 +97,14 @@ def _plan(K: int, NT: int, P: int, TK: int):
   return KT, U, P, Q, segments
 
 
-def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, stages, swizzle, first_tiles):
-  """first_tiles[i]: the global column tile where weight i's columns start (and, last, the end)."""
+def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, P, stages, swizzle, first_tiles, direct):
+  """first_tiles[i]: the global column tile where weight i's columns start (and, last, the end). direct: every
+  column tile lies in one block, which writes it finished to out [M, tiles x TN]; else out holds the blocks'
+  float32 partials [P, Q, M, TN]."""
   w_refs, out_ref = refs[:-1], refs[-1]
   K = w_refs[0].shape[1]
   Mp = x_ref.shape[0]
-  M = out_ref.shape[2]
-  P = out_ref.shape[0]
+  M = out_ref.shape[0] if direct else out_ref.shape[2]
   p = lax.axis_index("p")
   layer = layer_ref[0]
   u0, u1 = lax.div(p * U, P), lax.div((p + 1) * U, P)  # this block's units: [u0, u1)
@@ -152,9 +153,10 @@ def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, stages, swizzle, first_tiles
 
       acc_RN = pl.run_scoped(accumulate, plgpu.ACC((R, TN), jnp.float32))
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous segment's store has read o_smem
-      o_smem[...] = acc_RN
+      o_smem[...] = acc_RN.astype(o_smem.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, M)], out_ref.at[p, q])
+      dst = out_ref.at[:, pl.ds((j0 + q) * TN, TN)] if direct else out_ref.at[p, q]
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, M)], dst)
       return carry
 
     lax.fori_loop(0, nseg, segment, 0)
@@ -166,7 +168,7 @@ def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, stages, swizzle, first_tiles
       tile((stages, TK, TN), x_ref.dtype, swizzle),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
-      plgpu.SMEM((R, TN), jnp.float32),
+      plgpu.SMEM((R, TN), out_ref.dtype),
   )
 
 
@@ -202,22 +204,27 @@ def _combine(out_PQMN, segments, Ns, first_tiles):
   return ys
 
 
-def layer_matmul(x_MK: jax.Array, w_LKN: jax.Array, layer, *, interpret=False) -> jax.Array:
+def layer_matmul(x_MK: jax.Array, w_LKN: jax.Array, layer, *, out_dtype=None, interpret=False) -> jax.Array:
   """x @ w[layer] in float32, reading w[layer] in place: [M, K] x [L, K, N] -> [M, N] float32.
 
   Same function as `jnp.einsum("MK,KN->MN", x, w[layer], preferred_element_type=jnp.float32)`;
   `layer` is an int or an int32 scalar (may be traced; clamped to [0, L) as indexing does).
+  `out_dtype`: where given and every column tile's sum lies in one block (no partials to add), the
+  result comes in this dtype, rounded from the float32 sum in the kernel (a caller that rounds anyway
+  then needs no XLA kernel for it); otherwise float32.
   `interpret`: True (or an InterpretGPUParams) runs the kernel in Mosaic GPU interpret mode.
   """
-  return _layer_matmuls(x_MK, [w_LKN], layer, interpret=interpret)[0]
+  return _layer_matmuls(x_MK, [w_LKN], layer, out_dtype=out_dtype, interpret=interpret)[0]
 
 
-def layer_matmuls(x_MK: jax.Array, ws_LKN, layer, *, interpret=False) -> list[jax.Array]:
-  """[x @ w[layer] for w in ws_LKN] (float32) in one kernel launch; the weights share L and K."""
-  return _layer_matmuls(x_MK, list(ws_LKN), layer, interpret=interpret)
+def layer_matmuls(x_MK: jax.Array, ws_LKN, layer, *, out_dtype=None, interpret=False) -> list[jax.Array]:
+  """[x @ w[layer] for w in ws_LKN] in one kernel launch; the weights share L and K. Float32, or out_dtype
+  as `layer_matmul` says."""
+  return _layer_matmuls(x_MK, list(ws_LKN), layer, out_dtype=out_dtype, interpret=interpret)
 
 
-def _layer_matmuls(x_MK, ws_LKN, layer, *, interpret=False, block_n=None, block_k=None, stages=None, blocks=None):
+def _layer_matmuls(x_MK, ws_LKN, layer, *, out_dtype=None, interpret=False, block_n=None, block_k=None, stages=None,
+                   blocks=None):
   """`layer_matmuls` with its tiling open to tuning (None: the module's settings)."""
   TN, TK = block_n or BLOCK_N, block_k or BLOCK_K
   stages = stages or STAGES
@@ -234,15 +241,21 @@ def _layer_matmuls(x_MK, ws_LKN, layer, *, interpret=False, block_n=None, block_
   if blocks is None:
     blocks = INTERPRET_BLOCKS if interpret else _blocks(first_tiles[-1], -(-K // TK))
   KT, U, P, Q, segments = _plan(K, first_tiles[-1], blocks, TK)
+  # Direct: each column tile in one segment (its sum finished in one block), no overlapping last tile.
+  direct = (out_dtype is not None and all(N % TN == 0 for N in Ns)
+            and sorted(j for _, _, j in segments) == list(range(first_tiles[-1])))
   x_MpKp = _layout_x(x_MK, KT, TK)
   layer_1 = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1).reshape(1)
-  kernel = functools.partial(_kernel, U=U, KT=KT, TK=TK, TN=TN, stages=stages, swizzle=_swizzle(Ns, x_MK.dtype),
-                             first_tiles=first_tiles)
-  out_PQMN = plgpu.kernel(
+  kernel = functools.partial(_kernel, U=U, KT=KT, TK=TK, TN=TN, P=P, stages=stages, swizzle=_swizzle(Ns, x_MK.dtype),
+                             first_tiles=first_tiles, direct=direct)
+  out = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((P, Q, M, TN), jnp.float32),
+      out_type=jax.ShapeDtypeStruct((M, first_tiles[-1] * TN) if direct else (P, Q, M, TN),
+                                    out_dtype if direct else jnp.float32),
       grid=(P,),
       grid_names=("p",),
       interpret=interpret_params(interpret),
   )(layer_1, x_MpKp, *ws_LKN)
-  return _combine(out_PQMN, segments, Ns, first_tiles)
+  if direct:
+    return [out[:, j0 * TN : j0 * TN + N] for N, j0 in zip(Ns, first_tiles)]
+  return _combine(out, segments, Ns, first_tiles)
