@@ -26,12 +26,13 @@ def versions(*packages: str) -> str:
 
 
 def commit() -> str:
-  """The xlazoo commit: $XLAZOO_COMMIT (set where the tree travels without .git), else git's."""
+  """The xlazoo commit: $XLAZOO_COMMIT (set where the tree travels without .git), else git's ("-dirty" where
+  the tree differs from it)."""
   if os.environ.get("XLAZOO_COMMIT"):
     return os.environ["XLAZOO_COMMIT"]
   try:
     root = Path(__file__).resolve().parents[1]
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 
