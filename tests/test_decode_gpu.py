@@ -130,6 +130,28 @@ def test_large_cache(window, softcap):
   _check(B, S, K, G, H, lengths, jnp.bfloat16, window=window, softcap=softcap)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="a grid of several waves needs the real kernel")
+def test_layer_loop_over_stacked_cache():
+  """As a decode step runs it: a jitted loop over 16 layers of a stacked cache, batch 4 (1024 CTAs, several
+  waves), each layer its own query; every layer must match the reference on that layer."""
+  L, B, S, K, G, H = 16, 4, 8192, 8, 4, 128
+  ks = jax.random.split(jax.random.key(2), 3)
+  q_L = jax.random.normal(ks[0], (L, B, K * G, H)).astype(jnp.bfloat16)
+  k_L, v_L = (jax.random.normal(k, (L, B, S, K, H)).astype(jnp.bfloat16) for k in ks[1:])
+  lengths = jnp.array([2733, 1, 8192, 1654], jnp.int32)
+
+  def run(attend):
+    def layers(q, k, v):
+      body = lambda l, out: out.at[l].set(attend(q, k, v, l))  # noqa: E731
+      return jax.lax.fori_loop(0, L, body, jnp.zeros(q.shape, jnp.float32))
+    return jax.jit(layers)(q_L, k_L, v_L)
+
+  out = run(lambda q, k, v, l: decode_gpu.decode_attention(q[l], k, v, lengths, scale=H**-0.5, layer=l).astype(jnp.float32))
+  ref = run(lambda q, k, v, l: _reference(q[l], k[l], v[l], lengths, scale=H**-0.5))
+  errs = [_rel_err(out[l], ref[l]) for l in range(L)]
+  assert max(errs) < 2e-2, errs
+
+
 @pytest.mark.parametrize("H", [64, 128])
 def test_lowers_to_mosaic_gpu(H):
   """The compiled kernel (wgmma, register layouts, TMA of the stacked cache) lowers to Mosaic GPU, also on
