@@ -18,7 +18,9 @@ persistent, P blocks (at most one per SM; see `_blocks`), and block p takes the 
 accumulates x @ w on the tensor cores (wgmma, x padded to R = 64 rows in shared memory; only its first
 round_up(M, 8) rows are loaded). A block's units cover at most Q column tiles; for each one (a
 segment) it writes its float32 partial [M, TN] to out[p, q]; `_combine` (jnp, small) adds the partials
-of each column tile. The TMA pipeline runs across segment boundaries.
+of each column tile. Where every column tile lies whole in one block and the caller names a dtype for the
+result (`out_dtype`), the block instead rounds each tile and writes it finished into out [M, N], and no
+combine is left for XLA. The TMA pipeline runs across segment boundaries.
 
 Ragged edges: tiles never leave w[layer]. The last column tile starts at N - TN (overlapping the one
 before; both compute the same columns, `_combine` keeps one), and the last K tile starts at K - TK,
