@@ -708,7 +708,11 @@ def forward(
       x_BTD = x_BTD + out_BTD
     return (x_BTD, cache), None
 
-  (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), ({} if decode else xs, jnp.arange(reps)))
+  if decode:  # the block index as the loop's own counter: a scan would slice it out of an arange, in a kernel
+    _, x_BTD, cache = jax.lax.while_loop(
+        lambda c: c[0] < reps, lambda c: (c[0] + 1, *body((c[1], c[2]), ({}, c[0]))[0]), (0, x_BTD, cache))
+  else:
+    (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), (xs, jnp.arange(reps)))
   if logits_at is not None:
     x_BTD = jnp.take_along_axis(x_BTD, logits_at[:, None, None], axis=1)
   x_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], c.norm_eps)

@@ -108,7 +108,7 @@ def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, P, stages, swizzle, first_ti
   Mp = x_ref.shape[0]
   M = out_ref.shape[0] if direct else out_ref.shape[2]
   p = lax.axis_index("p")
-  layer = layer_ref[0]
+  layer = jnp.clip(layer_ref[0], 0, w_refs[0].shape[0] - 1)  # clamped here, not in an XLA kernel of its own
   u0, u1 = lax.div(p * U, P), lax.div((p + 1) * U, P)  # this block's units: [u0, u1)
   n = u1 - u0
   j0 = lax.div(u0, KT)
@@ -247,7 +247,7 @@ def _layer_matmuls(x_MK, ws_LKN, layer, *, out_dtype=None, interpret=False, bloc
   direct = (out_dtype is not None and all(N % TN == 0 for N in Ns)
             and sorted(j for _, _, j in segments) == list(range(first_tiles[-1])))
   x_MpKp = _layout_x(x_MK, KT, TK)
-  layer_1 = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1).reshape(1)
+  layer_1 = jnp.asarray(layer, jnp.int32).reshape(1)
   kernel = functools.partial(_kernel, U=U, KT=KT, TK=TK, TN=TN, P=P, stages=stages, swizzle=_swizzle(Ns, x_MK.dtype),
                              first_tiles=first_tiles, direct=direct)
   out = plgpu.kernel(
