@@ -709,8 +709,13 @@ def forward(
     return (x_BTD, cache), None
 
   if decode:  # the block index as the loop's own counter: a scan would slice it out of an arange, in a kernel
-    _, x_BTD, cache = jax.lax.while_loop(
-        lambda c: c[0] < reps, lambda c: (c[0] + 1, *body((c[1], c[2]), ({}, c[0]))[0]), (0, x_BTD, cache))
+
+    def step(c):
+      rep, x_BTD, cache = c
+      (x_BTD, cache), _ = body((x_BTD, cache), ({}, rep))
+      return rep + 1, x_BTD, cache
+
+    _, x_BTD, cache = jax.lax.while_loop(lambda c: c[0] < reps, step, (0, x_BTD, cache))
   else:
     (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), (xs, jnp.arange(reps)))
   if logits_at is not None:
