@@ -18,8 +18,8 @@ A model is a sequence of residual sublayers of six kinds:
 Mamba-2 is mamba sublayers only; a Bamba layer is mamba or attn, then mlp; Nemotron-H spells its
 layers as a pattern string of M (mamba), * (attn), - (mlp) and E (moe); a Falcon-H1 layer is hybrid, then
 mlp; Zamba2 layers are mamba or shared. Parameters of one kind are stacked on a leading axis; the
-sequence runs as a `lax.scan` over its repeating block of kinds (a pattern that does not repeat
-is one block, unrolled).
+sequence runs as a loop over its repeating block of kinds (a pattern that does not repeat is one block,
+unrolled): a `lax.scan`, or in a decode step a `lax.while_loop` whose counter is the block index.
 
 The cache holds, per mixer, the conv state (the last W - 1 inputs of the conv) and the SSM state
 [N, P, Q] in float32, and a KV cache per attention: fixed shapes, so a decode step costs the same
