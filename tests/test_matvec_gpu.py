@@ -121,6 +121,64 @@ def test_out_dtype_rounds_in_the_kernel(blocks, direct):
     assert _rel_err(y, _reference(x_MK, w, 1)) < TOL
 
 
+@pytest.mark.parametrize("M, K, Ns, offset, scale_dtype, blocks, layer", [
+    (1, 256, (256,), 0.0, jnp.bfloat16, 2, 1),  # decode at batch 1; 2 blocks of 2 column tiles: direct
+    (3, 384, (128, 192), 1.0, jnp.float32, 3, 2),  # Gemma's 1 + scale (float32); two weights, split K tiles
+    (8, 128, (208,), 0.0, jnp.bfloat16, 2, 7),  # all 8 rows; ragged N; the layer clamped to the last
+])
+def test_norm_in_the_kernel(M, K, Ns, offset, scale_dtype, blocks, layer):
+  """norm=(scale stack, eps, offset): the kernel computes rms_norm(x, scale[layer], eps, offset) itself (each
+  row's 1 / rms in every block, the scale per K tile) and matches the GEMV of the norm that XLA computes."""
+  from xlazoo.ops.norms import rms_norm
+
+  x_MK, w_LKN = _inputs(M, K, max(Ns), 3)
+  ws = [w_LKN[..., :N] for N in Ns]
+  if ON_GPU and not matvec_gpu.norm_supported(x_MK, w_LKN[:, 0], *ws):
+    pytest.skip("not a Hopper GPU")
+  x_MK = x_MK * 4.0  # rms 4: a norm left out shows
+  n_LK = (jax.random.normal(jax.random.key(5), (3, K)) * 0.5 + 1.0 - offset).astype(scale_dtype)
+  eps = 1e-5
+  ys = matvec_gpu._layer_matmuls(x_MK, ws, jnp.int32(layer), norm=(n_LK, eps, offset), out_dtype=x_MK.dtype,
+                                 interpret=INTERPRET, blocks=blocks)
+  h_MK = rms_norm(x_MK, n_LK[min(layer, 2)], eps, offset)
+  for y, w in zip(ys, ws):
+    assert y.shape == (M, w.shape[2])
+    assert _rel_err(y, _reference(h_MK, w, min(layer, 2))) < TOL
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the real shapes need the real kernel")
+@pytest.mark.parametrize("K, Ns", [(2560, (10624,)), (4096, (4096, 1024, 1024)), (4096, (14336, 14336))],
+                         ids=["mamba2-in_proj", "llama-qkv", "llama-gate_up"])
+@pytest.mark.parametrize("M", [1, 8])
+def test_norm_in_the_kernel_real_shapes(M, K, Ns):
+  """The decode GEMVs that follow a norm, at their real shapes and grids (blocks that split a column tile's K
+  tiles: q/k/v), every layer."""
+  from xlazoo.ops.norms import rms_norm
+
+  L = 3
+  x_MK, _ = _inputs(M, K, 128, 1)
+  ws = [_inputs(M, K, N, L, seed=i + 1)[1] for i, N in enumerate(Ns)]
+  n_LK = (jax.random.normal(jax.random.key(5), (L, K)) * 0.5 + 1.0).astype(jnp.bfloat16)
+  if not matvec_gpu.norm_supported(x_MK, n_LK, *ws):
+    pytest.skip("not a Hopper GPU")
+  f = jax.jit(lambda x, n, ws, layer: matvec_gpu.layer_matmuls(x, ws, layer, norm=(n, 1e-5, 0.0), out_dtype=x.dtype))
+  for layer in range(L):
+    ys = f(x_MK * 4.0, n_LK, ws, jnp.int32(layer))
+    h_MK = rms_norm(x_MK * 4.0, n_LK[layer], 1e-5)
+    for y, w in zip(ys, ws):
+      assert _rel_err(y, _reference(h_MK, w, layer)) < TOL, (layer, w.shape)
+
+
+def test_norm_rejects_what_it_cannot_do():
+  x_MK, w_LKN = _inputs(9, 128, 128, 2)
+  n_LK = jnp.ones((2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="no norm"):  # 9 rows
+    matvec_gpu.layer_matmul(x_MK, w_LKN, 0, norm=(n_LK, 1e-6, 0.0), interpret=INTERPRET)
+  x_MK, w_LKN = _inputs(1, 192, 128, 2)
+  with pytest.raises(ValueError, match="no norm"):  # K not a multiple of 128
+    matvec_gpu.layer_matmul(x_MK, w_LKN, 0, norm=(jnp.ones((2, 192)), 1e-6, 0.0), interpret=INTERPRET)
+
+
 def test_layer_out_of_range_clamps_like_indexing():
   x_MK, w_LKN = _inputs(1, 128, 128, 2)
   if ON_GPU and not matvec_gpu.supported(x_MK, w_LKN):

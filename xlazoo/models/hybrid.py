@@ -39,7 +39,7 @@ from flax import struct
 from xlazoo.models import transformer
 from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.conv import causal_conv, conv_state
-from xlazoo.ops.mlp import ACTIVATIONS, linear, linears
+from xlazoo.ops.mlp import ACTIVATIONS, LayerWeight, PreNorm, linear, linears
 from xlazoo.ops.moe import route_sigmoid, routed_mlp
 from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.rope import Rope
@@ -514,14 +514,16 @@ def init_cache(config: Config, batch: int, max_len: int, dtype) -> Cache:
 # ----------------------------------------------------------------------------- forward
 
 
-def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B):
-  """The Mamba-2 mixer; with a cache, one step (T == 1) or a prefill that leaves each row's states."""
+def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B, norm: PreNorm | None = None):
+  """The Mamba-2 mixer on h (normed first, with a norm); with a cache, one step (T == 1) or a prefill that
+  leaves each row's states."""
   Bsz, T, _ = h_BTD.shape
   N, P, G, Q, I, W = c.num_heads, c.head_dim, c.n_groups, c.state_size, c.inner, c.conv_width
   m = c.mults
   if m.ssm_in != 1.0:
-    h_BTD = h_BTD * jnp.asarray(m.ssm_in, h_BTD.dtype)
-  zxbcdt_BTZ = linear(h_BTD, p["w_in_DZ"], "BTD,DZ->BTZ", p.get("b_in_Z"))  # z, x B C, dt, then padding
+    h_BTD = (norm(h_BTD) if norm else h_BTD) * jnp.asarray(m.ssm_in, h_BTD.dtype)
+    norm = None
+  zxbcdt_BTZ = linear(h_BTD, p["w_in_DZ"], "BTD,DZ->BTZ", p.get("b_in_Z"), norm)  # z, x B C, dt, then padding
   if m.ssm != (1.0,) * 5:  # Falcon-H1: one multiplier per slice z, x, B, C, dt
     sizes = (I, I, G * Q, G * Q, N, c.in_proj_width - c.in_proj_outputs)
     zxbcdt_BTZ = zxbcdt_BTZ * jnp.asarray(np.repeat(m.ssm + (1.0,), sizes), zxbcdt_BTZ.dtype)
@@ -571,8 +573,9 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B):
   return out_BTD, cache
 
 
-def _mlp(c: Config, p: dict, h_BTD, lora_BTJ=None):
-  """down(act(gate(h)) * up(h)), or down(act(up(h))) when not gated; Zamba2 fuses gate and up."""
+def _mlp(c: Config, p: dict, h_BTD, lora_BTJ=None, norm: PreNorm | None = None):
+  """down(act(gate(h)) * up(h)), or down(act(up(h))) when not gated; Zamba2 fuses gate and up. With a norm,
+  of norm(h) (not with Zamba2's adapters)."""
   m, act = c.mults, ACTIVATIONS[c.attn.act]
   if "w_gate_up_DJ" in p:
     gate_up_BTJ = linear(h_BTD, p["w_gate_up_DJ"], "BTD,DJ->BTJ", p.get("b_gate_up_J")).astype(jnp.float32) + lora_BTJ
@@ -580,10 +583,10 @@ def _mlp(c: Config, p: dict, h_BTD, lora_BTJ=None):
     a_BTF = act(gate_BTF) * up_BTF
   elif c.mlp_gated:
     gate_BTF, up_BTF = (y.astype(jnp.float32) for y in linears(
-        h_BTD, [p["w_gate_DF"], p["w_up_DF"]], ["BTD,DF->BTF"] * 2, [p.get("b_gate_F"), p.get("b_up_F")]))
+        h_BTD, [p["w_gate_DF"], p["w_up_DF"]], ["BTD,DF->BTF"] * 2, [p.get("b_gate_F"), p.get("b_up_F")], norm))
     a_BTF = act(gate_BTF * m.mlp_gate) * up_BTF
   else:
-    a_BTF = act(linear(h_BTD, p["w_up_DF"], "BTD,DF->BTF", p.get("b_up_F")).astype(jnp.float32))
+    a_BTF = act(linear(h_BTD, p["w_up_DF"], "BTD,DF->BTF", p.get("b_up_F"), norm).astype(jnp.float32))
   out_BTD = linear(a_BTF.astype(h_BTD.dtype), p["w_down_FD"], "BTF,FD->BTD", p.get("b_down_D"))
   return out_BTD * jnp.asarray(m.mlp_down, out_BTD.dtype) if m.mlp_down != 1.0 else out_BTD
 
@@ -602,11 +605,13 @@ def _moe(c: Config, p: dict, h_BTD):
   return y_MD.reshape(B, T, D) + _mlp(c, p["shared"], h_BTD)
 
 
-def _attend(c: Config, p: dict, h_BTD, pos_BT, rope, cache: Cache | None, slot, qkv_delta=None):
-  """The dense family's attention block on the cache's KV slot `slot`."""
+def _attend(c: Config, p: dict, h_BTD, pos_BT, rope, cache: Cache | None, slot, qkv_delta=None,
+            norm: PreNorm | None = None):
+  """The dense family's attention block on the cache's KV slot `slot` (on norm(h), with a norm)."""
   inv_freq_H, rope_scale = rope
   kv = cache.kv if cache is not None else None
-  out_BTD, kv = transformer._attention_block(c.attn, p, h_BTD, pos_BT, 0, inv_freq_H, rope_scale, kv, slot, qkv_delta)
+  out_BTD, kv = transformer._attention_block(c.attn, p, h_BTD, pos_BT, 0, inv_freq_H, rope_scale, kv, slot, qkv_delta,
+                                             norm=norm)
   return out_BTD, cache.replace(kv=kv) if cache is not None else None
 
 
@@ -679,32 +684,34 @@ def forward(
     for kind in block:
       j = seen[kind]
       seen[kind] += 1
+      i = rep * per_block[kind] + j
       if decode:
-        p = layer_params(params[kind], rep * per_block[kind] + j, in_place=True)
+        p = layer_params(params[kind], i, in_place=True)
       else:
         p = jax.tree.map(lambda a: a[j], p_block[kind])  # noqa: B023
       ms, at = rep * mixes + mix, rep * attends + att
       mix, att = mix + (kind in MIXES), att + (kind in ATTENDS)
+      # The norm goes with its input to the projections, which apply it (a decode step's GEMV kernel does,
+      # the scale read in its stack).
+      scale_of = lambda t: (t["mamba"] if kind == "shared" else t)["norm"]["scale"]  # noqa: B023, E731
+      norm = PreNorm(LayerWeight(scale_of(params[kind]), i) if decode else scale_of(p), c.norm_eps)
       if kind == "shared":
-        s = rep * per_block["shared"] + j
-        blk = layer_params(params["blocks"], s % c.shared_blocks, in_place=decode)
+        blk = layer_params(params["blocks"], i % c.shared_blocks, in_place=decode)
         t_BTD, cache = _shared(c, blk, p, x_BTD, e_BTD, pos_BT, rope, cache, at)
-        h_BTD = rms_norm(x_BTD + t_BTD, p["mamba"]["norm"]["scale"], c.norm_eps)
-        out_BTD, cache = _mamba(c, p["mamba"], h_BTD, cache, ms, lengths)
-      else:
-        h_BTD = rms_norm(x_BTD, p["norm"]["scale"], c.norm_eps)
-        if kind == "mamba":
-          out_BTD, cache = _mamba(c, p, h_BTD, cache, ms, lengths)
-        elif kind == "attn":
-          out_BTD, cache = _attend(c, p, h_BTD, pos_BT, rope, cache, at)
-        elif kind == "mlp":
-          out_BTD = _mlp(c, p, h_BTD)
-        elif kind == "moe":
-          out_BTD = _moe(c, p, h_BTD)
-        else:  # hybrid: mixer and attention side by side
-          mix_BTD, cache = _mamba(c, p["mamba"], h_BTD, cache, ms, lengths)
-          a_BTD, cache = _attend(c, p["attn"], h_BTD * jnp.asarray(m.attn_in, h_BTD.dtype), pos_BT, rope, cache, at)
-          out_BTD = mix_BTD + a_BTD * jnp.asarray(m.attn_out, a_BTD.dtype)
+        out_BTD, cache = _mamba(c, p["mamba"], x_BTD + t_BTD, cache, ms, lengths, norm)
+      elif kind == "mamba":
+        out_BTD, cache = _mamba(c, p, x_BTD, cache, ms, lengths, norm)
+      elif kind == "attn":
+        out_BTD, cache = _attend(c, p, x_BTD, pos_BT, rope, cache, at, norm=norm)
+      elif kind == "mlp":
+        out_BTD = _mlp(c, p, x_BTD, norm=norm)
+      elif kind == "moe":
+        out_BTD = _moe(c, p, norm(x_BTD))
+      else:  # hybrid: mixer and attention side by side
+        h_BTD = norm(x_BTD)
+        mix_BTD, cache = _mamba(c, p["mamba"], h_BTD, cache, ms, lengths)
+        a_BTD, cache = _attend(c, p["attn"], h_BTD * jnp.asarray(m.attn_in, h_BTD.dtype), pos_BT, rope, cache, at)
+        out_BTD = mix_BTD + a_BTD * jnp.asarray(m.attn_out, a_BTD.dtype)
       x_BTD = x_BTD + out_BTD
     return (x_BTD, cache), None
 

@@ -23,7 +23,7 @@ from flax import struct
 
 from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.attention import attention, causal_attention, decode_attention
-from xlazoo.ops.mlp import ACTIVATIONS, gated_mlp, linear, linears
+from xlazoo.ops.mlp import ACTIVATIONS, LayerWeight, PreNorm, gated_mlp, linear, linears
 from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.rope import ROPE_TYPES, Rope, apply_rope
 
@@ -332,11 +332,12 @@ def _norm(c: Config, x, p):
 
 
 def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale, cache, layer, qkv_delta=None,
-                     kv_len_B=None):
+                     kv_len_B=None, norm: PreNorm | None = None):
   """pos_BT: the tokens' positions, or None for 0..T-1 (a forward or prefill from the start).
   qkv_delta: optional (q [B,T,N,H], k, v [B,T,K,H]) added to the projections (Zamba2's adapters).
   kv_len_B: a decode step's pos_BT[:, 0] + 1, computed once outside the layer scan (XLA leaves it in the
-  loop, a kernel launch in every layer)."""
+  loop, a kernel launch in every layer).
+  norm: the norm of x that feeds q, k and v, if not applied already."""
   B, T, _ = x_BTD.shape
   fresh = pos_BT is None
   if fresh:
@@ -344,7 +345,7 @@ def _attention_block(c: Config, p, x_BTD, pos_BT, window, inv_freq_H, rope_scale
   N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
   q_BTNH, k_BTKH, v_BTKH = linears(
       x_BTD, [p["wq_DNH"], p["wk_DKH"], p["wv_DKH"]], ["BTD,DNH->BTNH", "BTD,DKH->BTKH", "BTD,DKH->BTKH"],
-      [p.get("bq_NH"), p.get("bk_KH"), p.get("bv_KH")],
+      [p.get("bq_NH"), p.get("bk_KH"), p.get("bv_KH")], norm,
   )
   if qkv_delta is not None:
     q_BTNH, k_BTKH, v_BTKH = (a + d.astype(a.dtype) for a, d in zip((q_BTNH, k_BTKH, v_BTKH), qkv_delta))
@@ -423,15 +424,21 @@ def forward(
     if decode:
       p = layer_params(params["layers"], layer, in_place=True)
     window = window if same_window is None else same_window
-    h_BTD = _norm(c, x_BTD, p["attn_norm"]) if c.pre_norms else x_BTD
-    a_BTD, cache = _attention_block(c, p["attn"], h_BTD, positions, window, inv_freq_H, rope_scale, cache, layer,
-                                    kv_len_B=kv_len_B)
+
+    def pre_norm(name):  # handed with x to the projections, which apply it (a decode step's GEMV kernel does)
+      if not c.pre_norms:
+        return None
+      return PreNorm(LayerWeight(params["layers"][name]["scale"], layer) if decode else p[name]["scale"],
+                     c.rms_norm_eps, c.norm_offset)
+
+    a_BTD, cache = _attention_block(c, p["attn"], x_BTD, positions, window, inv_freq_H, rope_scale, cache, layer,
+                                    kv_len_B=kv_len_B, norm=pre_norm("attn_norm"))
     if c.post_norms:
       a_BTD = _norm(c, a_BTD, p["attn_post_norm"])
     x_BTD = x_BTD + a_BTD
-    h_BTD = _norm(c, x_BTD, p["mlp_norm"]) if c.pre_norms else x_BTD
     m = p["mlp"]
-    m_BTD = gated_mlp(h_BTD, m["w_gate_DF"], m["w_up_DF"], m["w_down_FD"], c.act, m.get("b_gate_F"), m.get("b_up_F"), m.get("b_down_D"))
+    m_BTD = gated_mlp(x_BTD, m["w_gate_DF"], m["w_up_DF"], m["w_down_FD"], c.act, m.get("b_gate_F"), m.get("b_up_F"),
+                      m.get("b_down_D"), norm=pre_norm("mlp_norm"))
     if c.post_norms:
       m_BTD = _norm(c, m_BTD, p["mlp_post_norm"])
     return (x_BTD + m_BTD, cache), None

@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.pallas import matvec_gpu
 
 ACTIVATIONS = {
@@ -38,10 +39,24 @@ class LayerWeight:
     return self.stack[self.layer]
 
 
-def _layer_matmuls(x: jax.Array, ws, subscripts, out_dtype=None) -> list[jax.Array] | None:
-  """x's trailing dims contracted with each w's leading ones by one GEMV kernel launch (float32, or out_dtype
-  where the kernel can round in place), or None where it does not apply (a weight not a LayerWeight, a
-  contraction of another form, shapes the kernel lacks)."""
+@dataclasses.dataclass(frozen=True)
+class PreNorm:
+  """The RMSNorm that feeds a block's projections, handed to `linears` with its raw input: in a decode step,
+  with the scale a LayerWeight, the GEMV kernel applies it itself (no XLA kernels for the norm)."""
+
+  scale: jax.Array | LayerWeight
+  eps: float
+  offset: float = 0.0  # Gemma: 1.0
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.scale.get() if isinstance(self.scale, LayerWeight) else self.scale
+    return rms_norm(x, scale, self.eps, self.offset)
+
+
+def _layer_matmuls(x: jax.Array, ws, subscripts, out_dtype=None, norm: PreNorm | None = None) -> list[jax.Array] | None:
+  """x's trailing dims (normed first, with a norm) contracted with each w's leading ones by one GEMV kernel
+  launch (float32, or out_dtype where the kernel can round in place), or None where it does not apply (a
+  weight not a LayerWeight, a contraction of another form, shapes the kernel lacks, a norm it cannot take)."""
   if not all(isinstance(w, LayerWeight) for w in ws):
     return None
   ks = []
@@ -59,22 +74,31 @@ def _layer_matmuls(x: jax.Array, ws, subscripts, out_dtype=None) -> list[jax.Arr
   ws_LKN = [w.stack.reshape(w.stack.shape[0], x_MK.shape[1], -1) for w in ws]
   if not matvec_gpu.supported(x_MK, *ws_LKN) or any(w.layer is not ws[0].layer for w in ws):
     return None
-  ys = matvec_gpu.layer_matmuls(x_MK, ws_LKN, ws[0].layer, out_dtype=out_dtype)
+  if norm is not None:
+    n = norm.scale
+    if not (isinstance(n, LayerWeight) and n.layer is ws[0].layer and matvec_gpu.norm_supported(x_MK, n.stack, *ws_LKN)):
+      return None
+    norm = (n.stack, norm.eps, norm.offset)
+  ys = matvec_gpu.layer_matmuls(x_MK, ws_LKN, ws[0].layer, norm=norm, out_dtype=out_dtype)
   return [y.reshape(*x.shape[:-k], *w.stack.shape[1 + k:]) for y, w in zip(ys, ws)]
 
 
-def linear(x: jax.Array, w: jax.Array | LayerWeight, subscripts: str, b: jax.Array | None = None) -> jax.Array:
-  """einsum in the weights' dtype with float32 accumulation, plus an optional bias."""
-  return linears(x, [w], [subscripts], [b])[0]
+def linear(x: jax.Array, w: jax.Array | LayerWeight, subscripts: str, b: jax.Array | None = None,
+           norm: PreNorm | None = None) -> jax.Array:
+  """einsum in the weights' dtype with float32 accumulation, plus an optional bias; of norm(x) with a norm."""
+  return linears(x, [w], [subscripts], [b], norm)[0]
 
 
-def linears(x: jax.Array, ws, subscripts, biases=None) -> list[jax.Array]:
-  """[linear(x, w, s, b) for each weight]; in a decode step (LayerWeights of one layer) all of them in
-  one GEMV kernel launch where it applies, else each alone."""
+def linears(x: jax.Array, ws, subscripts, biases=None, norm: PreNorm | None = None) -> list[jax.Array]:
+  """[linear(x, w, s, b, norm) for each weight]; in a decode step (LayerWeights of one layer) all of them in
+  one GEMV kernel launch where it applies (the norm too), else each alone."""
   biases = [None] * len(ws) if biases is None else biases
   # Without biases the sums are rounded to x's dtype at once: the GEMV kernel may do that itself.
   out_dtype = x.dtype if all(b is None for b in biases) else None
-  ys = _layer_matmuls(x, ws, subscripts, out_dtype) or [_matmul(x, w, s) for w, s in zip(ws, subscripts)]
+  ys = _layer_matmuls(x, ws, subscripts, out_dtype, norm) if norm is not None else None
+  if ys is None and norm is not None:
+    x = norm(x)
+  ys = ys or _layer_matmuls(x, ws, subscripts, out_dtype) or [_matmul(x, w, s) for w, s in zip(ws, subscripts)]
   return [(y if b is None else y + b.astype(jnp.float32)).astype(x.dtype) for y, b in zip(ys, biases)]
 
 
@@ -85,8 +109,9 @@ def _matmul(x, w, subscripts):
   return jnp.einsum(subscripts, x, w.get() if isinstance(w, LayerWeight) else w, preferred_element_type=jnp.float32)
 
 
-def gated_mlp(x_BTD, w_gate_DF, w_up_DF, w_down_FD, act: str, b_gate_F=None, b_up_F=None, b_down_D=None):
-  """down(act(gate(x)) * up(x))."""
-  gate_BTF, up_BTF = linears(x_BTD, [w_gate_DF, w_up_DF], ["BTD,DF->BTF"] * 2, [b_gate_F, b_up_F])
+def gated_mlp(x_BTD, w_gate_DF, w_up_DF, w_down_FD, act: str, b_gate_F=None, b_up_F=None, b_down_D=None,
+              norm: PreNorm | None = None):
+  """down(act(gate(x)) * up(x)), of norm(x) with a norm."""
+  gate_BTF, up_BTF = linears(x_BTD, [w_gate_DF, w_up_DF], ["BTD,DF->BTF"] * 2, [b_gate_F, b_up_F], norm)
   h_BTF = (ACTIVATIONS[act](gate_BTF.astype(jnp.float32)) * up_BTF.astype(jnp.float32)).astype(x_BTD.dtype)
   return linear(h_BTF, w_down_FD, "BTF,FD->BTD", b_down_D)

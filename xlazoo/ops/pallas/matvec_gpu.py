@@ -22,6 +22,12 @@ of each column tile. Where every column tile lies whole in one block and the cal
 result (`out_dtype`), the block instead rounds each tile and writes it finished into out [M, N], and no
 combine is left for XLA. The TMA pipeline runs across segment boundaries.
 
+With a norm (`norm=`: the RMSNorm that precedes q/k/v, gate/up or in_proj, M <= 8), x goes in as it is
+and the kernel normalises it: every block reads x's rows once from GMEM for their 1 / rms (while its first
+tiles stream in), takes the norm's scale for the layer into SMEM, and scales each unit's x tile in
+registers into a SMEM operand for the wgmma, rounded as `rms_norm` rounds. No XLA kernels are left for
+the norm (its reduction, its scaling and the padding of x: three launches).
+
 Ragged edges: tiles never leave w[layer]. The last column tile starts at N - TN (overlapping the one
 before; both compute the same columns, `_combine` keeps one), and the last K tile starts at K - TK,
 its first rows (already counted by the tile before) meeting zeros in x: x is laid out in jnp as
@@ -50,6 +56,13 @@ BLOCK_K = 64  # TK: weight tile rows (a multiple of 64: one 128-byte swizzle row
 STAGES = 6  # tiles in shared memory at once: 6 x (16 KiB of w + 8 KiB of x) + 32 KiB for the output
 GRID_MULTIPLE = 16  # persistent grid where no share is aligned (see _blocks): SMs rounded down to a multiple of this
 INTERPRET_BLOCKS = 3  # grid size in interpret mode (no SMs to count)
+# With a norm, each unit first scales its x tile: fewer, larger units (TK 128), 3 in flight. H100, one
+# layer's GEMV with the norm inside, us (8 layers, trace), for TK 64 with 6 stages / TK 128 with 3, 4, 5:
+# Mamba-2 2.7B in_proj 21.1 / 21.2, 21.2, 22.4; Llama-3-8B q/k/v 19.9 / 19.8, 20.2, 21.5, gate/up
+# 82.1 / 78.6, 81.7, 82.8 (measured with the scaled x in registers, aliased x slots; see RESULTS.md).
+NORM_BLOCK_K = 128
+NORM_STAGES = 3
+NORM_ROWS = 8  # with a norm: the rows of x that TMA brings (x's M <= 8, the rest zeros)
 
 
 def supported(x_MK: jax.Array, *ws_LKN: jax.Array) -> bool:
@@ -63,6 +76,14 @@ def supported(x_MK: jax.Array, *ws_LKN: jax.Array) -> bool:
       and w.shape[2] % 16 == 0  # TMA sees w as whole [8, 16 or more] tiles (swizzle >= 32 bytes)
       for w in ws_LKN
   )
+
+
+def norm_supported(x_MK: jax.Array, n_LK: jax.Array, *ws_LKN: jax.Array) -> bool:
+  """Whether the kernel also applies an RMSNorm of x with this scale stack (`layer_matmul`'s norm): as
+  `supported`, and M <= 8, K a multiple of 128, the scale [L', K] (at most 32 KiB a layer: SMEM)."""
+  K = x_MK.shape[-1]
+  return (supported(x_MK, *ws_LKN) and x_MK.shape[0] <= NORM_ROWS and K % 128 == 0 and n_LK.ndim == 2
+          and n_LK.shape[1] == K and K * n_LK.dtype.itemsize <= 32 * 1024)
 
 
 def _blocks(NT: int, KT: int) -> int:
@@ -99,13 +120,15 @@ def _plan(K: int, NT: int, P: int, TK: int):
   return KT, U, P, Q, segments
 
 
-def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, P, stages, swizzle, first_tiles, direct):
+def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, P, stages, swizzle, first_tiles, direct, norm, interpret):
   """first_tiles[i]: the global column tile where weight i's columns start (and, last, the end). direct: every
   column tile lies in one block, which writes it finished to out [M, tiles x TN]; else out holds the blocks'
-  float32 partials [P, Q, M, TN]."""
+  float32 partials [P, Q, M, TN]. norm: None, or (eps, offset) of an RMSNorm of x that the kernel applies
+  itself (see `_row_scales`); its weight stack comes first in refs, as [L', KT, TK]."""
+  n_ref, refs = (refs[0], refs[1:]) if norm else (None, refs)
   w_refs, out_ref = refs[:-1], refs[-1]
   K = w_refs[0].shape[1]
-  Mp = x_ref.shape[0]
+  Mp = NORM_ROWS if norm else x_ref.shape[0]
   M = out_ref.shape[0] if direct else out_ref.shape[2]
   p = lax.axis_index("p")
   layer = jnp.clip(layer_ref[0], 0, w_refs[0].shape[0] - 1)  # clamped here, not in an XLA kernel of its own
@@ -114,14 +137,15 @@ def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, P, stages, swizzle, first_ti
   j0 = lax.div(u0, KT)
   nseg = lax.div(u1 - 1, KT) - j0 + 1
 
-  def pipeline(x_smem, w_smem, x_bar, w_bar, o_smem):
+  def pipeline(x_smem, w_smem, x_bar, w_bar, o_smem, n_smem=None, n_bar=None, a_smem=None):
     def fetch(i):  # unit u0 + i into slot i % stages
       u = u0 + i
       j = lax.div(u, KT)
       k0 = jnp.minimum((u - j * KT) * TK, K - TK)  # the last K tile moved back inside K (x zeroed there)
       slot = lax.rem(i, jnp.int32(stages))
       x_dst = x_smem.at[slot] if Mp == R else x_smem.at[slot, pl.ds(0, Mp)]
-      plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds((u - j * KT) * TK, TK)], x_dst, x_bar.at[slot])
+      # With a norm, x is [M, K] as it comes: TMA fills the rows past M with zeros.
+      plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, Mp), pl.ds((u - j * KT) * TK, TK)], x_dst, x_bar.at[slot])
       for w_ref, j0, j1 in zip(w_refs, first_tiles[:-1], first_tiles[1:]):
 
         def fetch_w(w_ref=w_ref, j0=j0):
@@ -135,12 +159,26 @@ def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, P, stages, swizzle, first_ti
 
     for i in range(stages - 1):
       pl.when(i < n)(functools.partial(fetch, i))
+    if norm:  # while the first tiles stream in: the norm's weights, and each row's 1 / rms
+      plgpu.copy_gmem_to_smem(n_ref.at[jnp.clip(layer_ref[0], 0, n_ref.shape[0] - 1)], n_smem, n_bar.at[0])
+      r_R = _row_scales(x_ref, norm[0], interpret)
+      plgpu.barrier_wait(n_bar.at[0])
 
     def step(acc_ref, i, carry):
       slot = lax.rem(i, jnp.int32(stages))
       plgpu.barrier_wait(x_bar.at[slot])
+      a = x_smem.at[slot]
+      if norm:  # the wgmma's x: (x / rms) * (offset + w) in x's dtype, as rms_norm rounds it, through SMEM
+        # (a register operand would have to outlive its asynchronous wgmma: unsafe in this loop). Rows past
+        # M hold whatever the slot held: they only reach the output's rows past M, which are not kept.
+        x_RK = _load(x_smem.at[slot], plgpu.Layout.WGMMA, interpret)
+        w_K = _load(n_smem.at[lax.rem(u0 + i, jnp.int32(KT))], plgpu.Layout.WGMMA.reduce(0), interpret) + norm[1]
+        x_RK = x_RK * lax.broadcast_in_dim(r_R, (R, TK), (0,))
+        a = a_smem.at[lax.rem(i, 2)]  # unit i - 2's wgmma, the last to read it, is done (wgmma_wait(1) below)
+        a[...] = (x_RK * lax.broadcast_in_dim(w_K, (R, TK), (1,))).astype(a.dtype)
+        plgpu.commit_smem()
       plgpu.barrier_wait(w_bar.at[slot])
-      plgpu.wgmma(acc_ref, x_smem.at[slot], w_smem.at[slot])
+      plgpu.wgmma(acc_ref, a, w_smem.at[slot])
       plgpu.wgmma_wait(1)  # unit i - 1's wgmma is done: its slot is free
       pl.when(i + stages - 1 < n)(lambda: fetch(i + stages - 1))
       return carry
@@ -164,14 +202,42 @@ def _kernel(layer_ref, x_ref, *refs, U, KT, TK, TN, P, stages, swizzle, first_ti
     lax.fori_loop(0, nseg, segment, 0)
     plgpu.wait_smem_to_gmem(0)
 
-  pl.run_scoped(
-      pipeline,
+  scratch = [
       tile((stages, R, TK), x_ref.dtype, swizzle),
       tile((stages, TK, TN), x_ref.dtype, swizzle),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.SMEM((R, TN), out_ref.dtype),
-  )
+  ]
+  if norm:
+    scratch += [plgpu.SMEM(n_ref.shape[1:], n_ref.dtype), plgpu.Barrier(num_barriers=1), tile((2, R, TK), x_ref.dtype, swizzle)]
+  pl.run_scoped(pipeline, *scratch)
+
+
+def _load(ref, layout, interpret):
+  """A SMEM tile or vector in float32, in a register layout of the wgmma's [R, TK] x tile."""
+  return (ref[...] if interpret else plgpu.load(ref, (), layout=layout)).astype(jnp.float32)
+
+
+def _row_scales(x_ref, eps, interpret):
+  """[R] float32: 1 / rms of each of x's rows (rsqrt(mean(x^2) + eps), as rms_norm), 0 past them; read from
+  GMEM by every block (a few KiB, in L2), K / 128 elements a thread."""
+  M, K = x_ref.shape
+  r_R = jnp.zeros((R,), jnp.float32)
+  if interpret:
+    iota = lax.broadcasted_iota(jnp.int32, (R,), 0)
+  else:
+    rows = plgpu.Layout.WGMMA.reduce(1)
+    r_R, iota = plgpu.layout_cast(r_R, rows), plgpu.broadcasted_iota(jnp.int32, (R,), 0, layout=rows)
+  for m in range(min(M, NORM_ROWS)):
+    if interpret:
+      x_K = x_ref[m, :]
+    else:
+      x_K = plgpu.load(x_ref.at[m], (), layout=plgpu.Layout.WG_STRIDED((K,), vec_size=1), optimized=False)
+    x_K = x_K.astype(jnp.float32)
+    r = lax.rsqrt(jnp.sum(x_K * x_K) / K + eps)
+    r_R = jnp.where(iota == m, r, r_R)
+  return r_R
 
 
 def _layout_x(x_MK, KT: int, TK: int):
@@ -206,30 +272,32 @@ def _combine(out_PQMN, segments, Ns, first_tiles):
   return ys
 
 
-def layer_matmul(x_MK: jax.Array, w_LKN: jax.Array, layer, *, out_dtype=None, interpret=False) -> jax.Array:
+def layer_matmul(x_MK: jax.Array, w_LKN: jax.Array, layer, *, norm=None, out_dtype=None, interpret=False) -> jax.Array:
   """x @ w[layer] in float32, reading w[layer] in place: [M, K] x [L, K, N] -> [M, N] float32.
 
   Same function as `jnp.einsum("MK,KN->MN", x, w[layer], preferred_element_type=jnp.float32)`;
   `layer` is an int or an int32 scalar (may be traced; clamped to [0, L) as indexing does).
+  `norm`: None, or (scale stack [L', K], eps, offset): then x is first rms_norm(x, scale[layer], eps, offset),
+  computed in the kernel (see `norm_supported`).
   `out_dtype`: where given and every column tile's sum lies in one block (no partials to add), the
   result comes in this dtype, rounded from the float32 sum in the kernel (a caller that rounds anyway
   then needs no XLA kernel for it); otherwise float32.
   `interpret`: True (or an InterpretGPUParams) runs the kernel in Mosaic GPU interpret mode.
   """
-  return _layer_matmuls(x_MK, [w_LKN], layer, out_dtype=out_dtype, interpret=interpret)[0]
+  return _layer_matmuls(x_MK, [w_LKN], layer, norm=norm, out_dtype=out_dtype, interpret=interpret)[0]
 
 
-def layer_matmuls(x_MK: jax.Array, ws_LKN, layer, *, out_dtype=None, interpret=False) -> list[jax.Array]:
+def layer_matmuls(x_MK: jax.Array, ws_LKN, layer, *, norm=None, out_dtype=None, interpret=False) -> list[jax.Array]:
   """[x @ w[layer] for w in ws_LKN] in one kernel launch; the weights share L and K. Float32, or out_dtype
-  as `layer_matmul` says."""
-  return _layer_matmuls(x_MK, list(ws_LKN), layer, out_dtype=out_dtype, interpret=interpret)
+  as `layer_matmul` says; norm as it says."""
+  return _layer_matmuls(x_MK, list(ws_LKN), layer, norm=norm, out_dtype=out_dtype, interpret=interpret)
 
 
-def _layer_matmuls(x_MK, ws_LKN, layer, *, out_dtype=None, interpret=False, block_n=None, block_k=None, stages=None,
-                   blocks=None):
+def _layer_matmuls(x_MK, ws_LKN, layer, *, norm=None, out_dtype=None, interpret=False, block_n=None, block_k=None,
+                   stages=None, blocks=None):
   """`layer_matmuls` with its tiling open to tuning (None: the module's settings)."""
-  TN, TK = block_n or BLOCK_N, block_k or BLOCK_K
-  stages = stages or STAGES
+  TN, TK = block_n or BLOCK_N, block_k or (BLOCK_K if norm is None else NORM_BLOCK_K)
+  stages = stages or (STAGES if norm is None else NORM_STAGES)
   M, K = x_MK.shape
   L = ws_LKN[0].shape[0]
   Ns = [w.shape[2] for w in ws_LKN]
@@ -246,10 +314,20 @@ def _layer_matmuls(x_MK, ws_LKN, layer, *, out_dtype=None, interpret=False, bloc
   # Direct: each column tile in one segment (its sum finished in one block), no overlapping last tile.
   direct = (out_dtype is not None and all(N % TN == 0 for N in Ns)
             and sorted(j for _, _, j in segments) == list(range(first_tiles[-1])))
-  x_MpKp = _layout_x(x_MK, KT, TK)
+  norm_args = ()
+  if norm is None:
+    x_MpKp = _layout_x(x_MK, KT, TK)
+  else:
+    n_LK, eps, offset = norm
+    if M > NORM_ROWS or K % 128 or n_LK.ndim != 2 or n_LK.shape[1] != K:
+      raise ValueError(f"layer_matmul kernel: no norm for {shapes} and scale {n_LK.shape} (M <= {NORM_ROWS}, "
+                       "K a multiple of 128)")
+    norm_args, norm = (n_LK.reshape(-1, KT, TK),), (float(eps), float(offset))
+    # On the GPU x goes in as it is (TMA reads zeros past its rows); the interpreter wants the rows there.
+    x_MpKp = jnp.pad(x_MK, ((0, NORM_ROWS - M), (0, 0))) if interpret else x_MK
   layer_1 = jnp.asarray(layer, jnp.int32).reshape(1)
   kernel = functools.partial(_kernel, U=U, KT=KT, TK=TK, TN=TN, P=P, stages=stages, swizzle=_swizzle(Ns, x_MK.dtype),
-                             first_tiles=first_tiles, direct=direct)
+                             first_tiles=first_tiles, direct=direct, norm=norm, interpret=bool(interpret))
   out = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((M, first_tiles[-1] * TN) if direct else (P, Q, M, TN),
@@ -257,7 +335,7 @@ def _layer_matmuls(x_MK, ws_LKN, layer, *, out_dtype=None, interpret=False, bloc
       grid=(P,),
       grid_names=("p",),
       interpret=interpret_params(interpret),
-  )(layer_1, x_MpKp, *ws_LKN)
+  )(layer_1, x_MpKp, *norm_args, *ws_LKN)
   if direct:
     return [out[:, j0 * TN : j0 * TN + N] for N, j0 in zip(Ns, first_tiles)]
   return _combine(out, segments, Ns, first_tiles)
