@@ -56,10 +56,9 @@ BLOCK_K = 64  # TK: weight tile rows (a multiple of 64: one 128-byte swizzle row
 STAGES = 6  # tiles in shared memory at once: 6 x (16 KiB of w + 8 KiB of x) + 32 KiB for the output
 GRID_MULTIPLE = 16  # persistent grid where no share is aligned (see _blocks): SMs rounded down to a multiple of this
 INTERPRET_BLOCKS = 3  # grid size in interpret mode (no SMs to count)
-# With a norm, each unit first scales its x tile: fewer, larger units (TK 128), 3 in flight. H100, one
-# layer's GEMV with the norm inside, us (8 layers, trace), for TK 64 with 6 stages / TK 128 with 3, 4, 5:
-# Mamba-2 2.7B in_proj 21.1 / 21.2, 21.2, 22.4; Llama-3-8B q/k/v 19.9 / 19.8, 20.2, 21.5, gate/up
-# 82.1 / 78.6, 81.7, 82.8 (measured with the scaled x in registers, aliased x slots; see RESULTS.md).
+# With a norm, each unit first scales its x tile: fewer, larger units (TK 128), 3 in flight (4 do not fit
+# in SMEM). H100, one GEMV with its norm, us, TK 128 with 3 stages against TK 64 with 6: Mamba-2 2.7B
+# in_proj 21.3 / 23.8, Llama-3-8B q/k/v 20.0 / 20.8, gate/up 79.1 / 83.3 (benchmarks/RESULTS.md).
 NORM_BLOCK_K = 128
 NORM_STAGES = 3
 NORM_ROWS = 8  # with a norm: the rows of x that TMA brings (x's M <= 8, the rest zeros)
