@@ -96,9 +96,9 @@ def linears(x: jax.Array, ws, subscripts, biases=None, norm: PreNorm | None = No
   # Without biases the sums are rounded to x's dtype at once: the GEMV kernel may do that itself.
   out_dtype = x.dtype if all(b is None for b in biases) else None
   ys = _layer_matmuls(x, ws, subscripts, out_dtype, norm) if norm is not None else None
-  if ys is None and norm is not None:
-    x = norm(x)
-  ys = ys or _layer_matmuls(x, ws, subscripts, out_dtype) or [_matmul(x, w, s) for w, s in zip(ws, subscripts)]
+  if ys is None:  # the norm (if any) in jnp, then the GEMV kernel without it or the einsums
+    x = x if norm is None else norm(x)
+    ys = _layer_matmuls(x, ws, subscripts, out_dtype) or [_matmul(x, w, s) for w, s in zip(ws, subscripts)]
   return [(y if b is None else y + b.astype(jnp.float32)).astype(x.dtype) for y, b in zip(ys, biases)]
 
 
