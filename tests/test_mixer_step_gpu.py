@@ -50,23 +50,27 @@ def _inputs(Bsz, N, G, Q, W, bias, dtype, seed, L=3, K=4, P=64):
   return zx, conv, ssm, params
 
 
-CASES = [  # (B, N, G, Q, W, bias, dtype)
-    pytest.param(1, 4, 1, 128, 4, True, jnp.bfloat16, id="b1-g1-q128"),
-    pytest.param(2, 4, 2, 64, 4, False, jnp.bfloat16, id="b2-g2-q64-nobias"),
-    pytest.param(3, 6, 3, 64, 3, True, jnp.float16, id="b3-g3-w3-f16"),
-    pytest.param(1, 2, 1, 64, 2, True, jnp.bfloat16, id="b1-w2"),
+CASES = [  # (B, N, G, Q, W, bias, dtype, gate)
+    pytest.param(1, 4, 1, 128, 4, True, jnp.bfloat16, True, id="b1-g1-q128-gate"),
+    pytest.param(2, 4, 2, 64, 4, False, jnp.bfloat16, False, id="b2-g2-q64-nobias"),
+    pytest.param(3, 6, 3, 64, 3, True, jnp.float16, True, id="b3-g3-w3-f16-gate"),
+    pytest.param(1, 2, 1, 64, 2, True, jnp.bfloat16, False, id="b1-w2"),
 ]
 
 
-@pytest.mark.parametrize("Bsz,N,G,Q,W,bias,dtype", CASES)
-def test_matches_reference(Bsz, N, G, Q, W, bias, dtype):
+@pytest.mark.parametrize("Bsz,N,G,Q,W,bias,dtype,gate", CASES)
+def test_matches_reference(Bsz, N, G, Q, W, bias, dtype, gate):
+  """gate: y silu(z), with z the first I columns of zx."""
   zx, conv, ssm, params = _inputs(Bsz, N, G, Q, W, bias, dtype, seed=Bsz * 10 + W)
   layer, k = 1, 2
   args = (params["conv_w"], params["conv_b"], params["dt_bias"], params["A_log"], params["D"])
-  y, conv_BWE, ssm_new = jax.jit(lambda *a: mixer_step_gpu.step(*a, groups=G, interpret=INTERPRET))(
+  y, conv_BWE, ssm_new = jax.jit(lambda *a: mixer_step_gpu.step(*a, groups=G, gate=gate, interpret=INTERPRET))(
       zx, conv, ssm, layer, *args, k)
   weights = [None if a is None else LayerWeight(a, k) for a in args]
-  y_ref, conv_ref, ssm_ref = ssd_ops.mixer_step_reference(zx, conv, ssm, layer, *weights, groups=G)
+  y_ref, conv_ref, ssm_ref = ssd_ops.mixer_step_reference(zx, conv, ssm, layer, *weights, groups=G, gate=gate)
+  if gate:  # the gate applied: y differs from the ungated step's
+    y_plain, _, _ = ssd_ops.mixer_step_reference(zx, conv, ssm, layer, *weights, groups=G)
+    assert rel_err(y_ref, y_plain) > 0.1
   assert y.shape == y_ref.shape and y.dtype == dtype and conv_BWE.dtype == dtype and ssm_new.shape == ssm.shape
   np.testing.assert_array_equal(np.asarray(conv_BWE, np.float32), np.asarray(conv_ref[layer], np.float32))
   errs = rel_err(y, y_ref), rel_err(ssm_new[layer], ssm_ref[layer])
@@ -76,8 +80,8 @@ def test_matches_reference(Bsz, N, G, Q, W, bias, dtype):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the full shape takes minutes in the interpreter")
-@pytest.mark.parametrize("Bsz", [1, 8])
-def test_mamba2_2p7b_shape_on_gpu(Bsz):
+@pytest.mark.parametrize("Bsz,gate", [(1, True), (8, False)])
+def test_mamba2_2p7b_shape_on_gpu(Bsz, gate):
   """Mamba-2 2.7B's mixer (80 heads in one group, Q = 128), stepping each of 64 layers in turn in one jitted
   loop, as a decode step does: every layer's state must match."""
   zx, conv, ssm, p = _inputs(Bsz, 80, 1, 128, 4, True, jnp.bfloat16, seed=11, L=64, K=64)
@@ -86,7 +90,7 @@ def test_mamba2_2p7b_shape_on_gpu(Bsz):
   def layers(step):
     def body(layer, carry):
       conv, ssm, ys = carry
-      y, conv, ssm = step(zx, conv, ssm, layer, *[LayerWeight(a, layer) for a in args], groups=1)
+      y, conv, ssm = step(zx, conv, ssm, layer, *[LayerWeight(a, layer) for a in args], groups=1, gate=gate)
       return conv, ssm, ys.at[layer].set(y)
     return jax.jit(lambda c, s: jax.lax.fori_loop(0, 64, body, (c, s, jnp.zeros((64, *zx.shape[:1], 80 * 64), zx.dtype))))
 

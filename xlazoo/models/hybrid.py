@@ -39,7 +39,7 @@ from flax import struct
 from xlazoo.models import transformer
 from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.conv import causal_conv, conv_state
-from xlazoo.ops.mlp import ACTIVATIONS, LayerWeight, PreNorm, linear, linears
+from xlazoo.ops.mlp import ACTIVATIONS, LayerWeight, PreNorm, as_array, linear, linears
 from xlazoo.ops.moe import route_sigmoid, routed_mlp
 from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.rope import Rope
@@ -528,10 +528,14 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B, nor
     sizes = (I, I, G * Q, G * Q, N, c.in_proj_width - c.in_proj_outputs)
     zxbcdt_BTZ = zxbcdt_BTZ * jnp.asarray(np.repeat(m.ssm + (1.0,), sizes), zxbcdt_BTZ.dtype)
   z_BTI, xbc_BTE, dt_BTN, _ = jnp.split(zxbcdt_BTZ, [I, I + c.conv_dim, c.in_proj_outputs], axis=-1)
-  if cache is not None and T == 1:  # a decode step: the caches and the mixer's vectors read in their stacks
+  step = cache is not None and T == 1
+  # A decode step with norm(y silu(z)) over all I channels: the step applies the gate, and the norm goes to
+  # out_proj with its input (into the GEMV kernel, where it applies).
+  gated_step = step and c.gate_norm == "gate_first" and G == 1
+  if step:  # the caches and the mixer's vectors read in their stacks
     y_BI, conv_LBWE, ssm_LBNPQ = mixer_step(
         zxbcdt_BTZ[:, 0], cache.conv_LBWE, cache.ssm_LBNPQ, layer, p["conv_w_WE"], p.get("conv_b_E"), p["dt_bias_N"],
-        p["A_log_N"], p["D_N"], groups=G)
+        p["A_log_N"], p["D_N"], groups=G, gate=gated_step)
     y_BTNP, cache = y_BI.reshape(Bsz, 1, N, P), cache.replace(conv_LBWE=conv_LBWE, ssm_LBNPQ=ssm_LBNPQ)
   else:
     before = cache.conv_LBWE[layer] if cache is not None else None
@@ -557,17 +561,21 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B, nor
           conv_LBWE=jax.lax.dynamic_update_index_in_dim(cache.conv_LBWE, new_conv.astype(cache.conv_LBWE.dtype), layer, 0),
           ssm_LBNPQ=jax.lax.dynamic_update_index_in_dim(cache.ssm_LBNPQ, state, layer, 0),
       )
-  y_BTI, gate_BTI = y_BTNP.reshape(Bsz, T, I).astype(jnp.float32), jax.nn.silu(z_BTI.astype(jnp.float32))
-  if c.gate_norm is None:
-    v_BTI = y_BTI * gate_BTI
-  else:  # RMSNorm over each of the G groups of I / G channels, before or after the gate
-    v_BTI = y_BTI * gate_BTI if c.gate_norm == "gate_first" else y_BTI
-    v_BTGI = v_BTI.reshape(Bsz, T, G, I // G)
-    v_BTGI = v_BTGI * jax.lax.rsqrt(jnp.mean(v_BTGI * v_BTGI, axis=-1, keepdims=True) + c.gate_norm_eps)
-    v_BTI = v_BTGI.reshape(Bsz, T, I) * p["gate_norm"]["scale"].astype(jnp.float32)
-    if c.gate_norm == "norm_first":
-      v_BTI = v_BTI * gate_BTI
-  out_BTD = linear(v_BTI.astype(h_BTD.dtype), p["w_out_ID"], "BTI,ID->BTD", p.get("b_out_D"))
+  if gated_step:
+    out_BTD = linear(y_BTNP.reshape(Bsz, T, I), p["w_out_ID"], "BTI,ID->BTD", p.get("b_out_D"),
+                     PreNorm(p["gate_norm"]["scale"], c.gate_norm_eps))
+  else:
+    y_BTI, gate_BTI = y_BTNP.reshape(Bsz, T, I).astype(jnp.float32), jax.nn.silu(z_BTI.astype(jnp.float32))
+    if c.gate_norm is None:
+      v_BTI = y_BTI * gate_BTI
+    else:  # RMSNorm over each of the G groups of I / G channels, before or after the gate
+      v_BTI = y_BTI * gate_BTI if c.gate_norm == "gate_first" else y_BTI
+      v_BTGI = v_BTI.reshape(Bsz, T, G, I // G)
+      v_BTGI = v_BTGI * jax.lax.rsqrt(jnp.mean(v_BTGI * v_BTGI, axis=-1, keepdims=True) + c.gate_norm_eps)
+      v_BTI = v_BTGI.reshape(Bsz, T, I) * as_array(p["gate_norm"]["scale"]).astype(jnp.float32)
+      if c.gate_norm == "norm_first":
+        v_BTI = v_BTI * gate_BTI
+    out_BTD = linear(v_BTI.astype(h_BTD.dtype), p["w_out_ID"], "BTI,ID->BTD", p.get("b_out_D"))
   if m.ssm_out != 1.0:
     out_BTD = out_BTD * jnp.asarray(m.ssm_out, out_BTD.dtype)
   return out_BTD, cache

@@ -76,10 +76,11 @@ class Model:
 MIXER_STEP_KEYS = ("conv_w_WE", "conv_b_E", "dt_bias_N", "A_log_N", "D_N")
 
 
-def _in_place(key: str) -> bool:
+def _in_place(path) -> bool:
   """Matrices that `linear` reads (w..._<dims>), not the experts' stacks (..._X..), which the MoE op reads;
-  and the mixer step's vectors."""
-  return (key.startswith("w") and "X" not in key.rsplit("_", 1)[-1]) or key in MIXER_STEP_KEYS
+  the mixer step's vectors; and the mixer's gated-norm scale, which out_proj's GEMV kernel may apply."""
+  key, parent = (getattr(k, "key", "") for k in (path[-1], path[-2] if len(path) > 1 else None))
+  return (key.startswith("w") and "X" not in key.rsplit("_", 1)[-1]) or key in MIXER_STEP_KEYS or parent == "gate_norm"
 
 
 def layer_params(tree: dict, i: jax.Array, *, in_place: bool = False) -> dict:
@@ -87,7 +88,7 @@ def layer_params(tree: dict, i: jax.Array, *, in_place: bool = False) -> dict:
   vectors stay in their stacks as LayerWeight, which a kernel reads where they lie; everything else is
   sliced out."""
   def one(path, a):
-    if in_place and _in_place(getattr(path[-1], "key", "")):
+    if in_place and _in_place(path):
       return LayerWeight(a, i)
     return a[i]
   return jax.tree_util.tree_map_with_path(one, tree)

@@ -39,6 +39,11 @@ class LayerWeight:
     return self.stack[self.layer]
 
 
+def as_array(w: jax.Array | LayerWeight) -> jax.Array:
+  """w, or a LayerWeight's layer sliced out of its stack."""
+  return w.get() if isinstance(w, LayerWeight) else w
+
+
 @dataclasses.dataclass(frozen=True)
 class PreNorm:
   """The RMSNorm that feeds a block's projections, handed to `linears` with its raw input: in a decode step,
@@ -49,8 +54,7 @@ class PreNorm:
   offset: float = 0.0  # Gemma: 1.0
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.scale.get() if isinstance(self.scale, LayerWeight) else self.scale
-    return rms_norm(x, scale, self.eps, self.offset)
+    return rms_norm(x, as_array(self.scale), self.eps, self.offset)
 
 
 def _layer_matmuls(x: jax.Array, ws, subscripts, out_dtype=None, norm: PreNorm | None = None) -> list[jax.Array] | None:
@@ -106,7 +110,7 @@ def _matmul(x, w, subscripts):
   ys = _layer_matmuls(x, [w], [subscripts])
   if ys is not None:
     return ys[0]
-  return jnp.einsum(subscripts, x, w.get() if isinstance(w, LayerWeight) else w, preferred_element_type=jnp.float32)
+  return jnp.einsum(subscripts, x, as_array(w), preferred_element_type=jnp.float32)
 
 
 def gated_mlp(x_BTD, w_gate_DF, w_up_DF, w_down_FD, act: str, b_gate_F=None, b_up_F=None, b_down_D=None,

@@ -162,10 +162,11 @@ def ssd_step(
 
 def mixer_step(
     zx_BZ: jax.Array, conv_LBWE: jax.Array, ssm_LBNPQ: jax.Array, layer, conv_w: LayerWeight, conv_b: LayerWeight | None,
-    dt_bias: LayerWeight, A_log: LayerWeight, D: LayerWeight, *, groups: int,
+    dt_bias: LayerWeight, A_log: LayerWeight, D: LayerWeight, *, groups: int, gate: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decode step of the Mamba-2 mixer on layer `layer` of the caches: (y [B, N P] in zx's dtype, the conv
-  state stack, the SSM state stack), both stacks with that layer stepped.
+  state stack, the SSM state stack), both stacks with that layer stepped. With `gate`, y silu(z) instead of y
+  (in float32 from y in zx's dtype, then rounded to it).
 
   zx: in_proj's output [B, >= I + E + N] (z, x B C, dt; trailing columns are ignored). The parameters are
   LayerWeights (stacks [K, ...] and their layer; conv_b may be None). On a Hopper GPU, where
@@ -175,12 +176,13 @@ def mixer_step(
   if mixer_step_gpu.ENABLED and mixer_step_gpu.supported(zx_BZ, conv_LBWE, ssm_LBNPQ, conv_w.stack):
     y_BI, conv_BWE, ssm_LBNPQ = mixer_step_gpu.step(
         zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w.stack, None if conv_b is None else conv_b.stack, dt_bias.stack,
-        A_log.stack, D.stack, conv_w.layer, groups=groups)
+        A_log.stack, D.stack, conv_w.layer, groups=groups, gate=gate)
     return y_BI, jax.lax.dynamic_update_index_in_dim(conv_LBWE, conv_BWE, layer, 0), ssm_LBNPQ
-  return mixer_step_reference(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w, conv_b, dt_bias, A_log, D, groups=groups)
+  return mixer_step_reference(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w, conv_b, dt_bias, A_log, D, groups=groups,
+                              gate=gate)
 
 
-def mixer_step_reference(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w, conv_b, dt_bias, A_log, D, *, groups):
+def mixer_step_reference(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w, conv_b, dt_bias, A_log, D, *, groups, gate=False):
   """`mixer_step` in jnp: the conv step, silu, then `ssd_step`."""
   Bsz = zx_BZ.shape[0]
   N, P, Q = ssm_LBNPQ.shape[2:]
@@ -194,4 +196,7 @@ def mixer_step_reference(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w, conv_b, dt_
   y_BNP, state_BNPQ = ssd_step(ssm_LBNPQ[layer], x_BNP, dt_BN, -jnp.exp(A_log.get().astype(f32)), B_BGQ, C_BGQ,
                                D.get())
   conv_LBWE = jax.lax.dynamic_update_index_in_dim(conv_LBWE, new_conv_BWE.astype(conv_LBWE.dtype), layer, 0)
-  return y_BNP.reshape(Bsz, I), conv_LBWE, jax.lax.dynamic_update_index_in_dim(ssm_LBNPQ, state_BNPQ, layer, 0)
+  y_BI = y_BNP.reshape(Bsz, I)
+  if gate:
+    y_BI = (y_BI.astype(f32) * jax.nn.silu(zx_BZ[:, :I].astype(f32))).astype(y_BI.dtype)
+  return y_BI, conv_LBWE, jax.lax.dynamic_update_index_in_dim(ssm_LBNPQ, state_BNPQ, layer, 0)

@@ -10,8 +10,8 @@ per batch row), the caches' layer l and the parameters' layer k,
     xBC = silu(conv over [conv state, xBC])  (rounded to zx's dtype)
     dt = softplus(dt + dt_bias),  h = exp(dt A) h + dt x B^T,  y = h C + D x  (y in zx's dtype)
 
-and returns y [B, I], the new conv state [B, W-1, E], and the SSM state stack with layer l's states
-replaced. The gate and the gated norm stay in XLA, fused with the norm's reduction and out_proj's input.
+and returns y [B, I] (with `gate=True`, y silu(z) instead, computed in float32 and rounded to zx's dtype),
+the new conv state [B, W-1, E], and the SSM state stack with layer l's states replaced.
 
 Design: one CTA per (head, batch row), one warpgroup. The caches and the parameters stay in their
 stacks ([L, ...]) and are read in place. The conv runs 64 channels at a time on vectors in the layout of
@@ -59,10 +59,10 @@ def supported(zx_BZ, conv_LBWE, ssm_LBNPQ, conv_w_LWE) -> bool:
 
 
 def step(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, D_LN, param_layer, *,
-         groups: int, interpret=False):
-  """(y [B, I] in zx's dtype, new conv state [B, W-1, E], the SSM stack with layer `layer` stepped); see the
-  module docstring. The parameters are stacks [K, ...] read at `param_layer`; conv_b_LE may be None. The
-  layers are ints or int32 scalars (may be traced), clamped as indexing does."""
+         groups: int, gate: bool = False, interpret=False):
+  """(y [B, I] in zx's dtype (y silu(z) with gate), new conv state [B, W-1, E], the SSM stack with layer
+  `layer` stepped); see the module docstring. The parameters are stacks [K, ...] read at `param_layer`;
+  conv_b_LE may be None. The layers are ints or int32 scalars (may be traced), clamped as indexing does."""
   Bsz = zx_BZ.shape[0]
   N, P, Q = ssm_LBNPQ.shape[2:]
   W = conv_LBWE.shape[2] + 1
@@ -75,7 +75,7 @@ def step(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w_LWE, conv_b_LE, dt_bias_LN, 
   interpret = interpret_params(interpret)
   has_bias = conv_b_LE is not None
   dtype = zx_BZ.dtype
-  body = functools.partial(_kernel, R=N // G, has_bias=has_bias, interpret=interpret is not None)
+  body = functools.partial(_kernel, R=N // G, has_bias=has_bias, gate=gate, interpret=interpret is not None)
 
   def kernel(*refs):  # SMEM through run_scoped, as plgpu.kernel allocates it
     pl.run_scoped(functools.partial(body, *refs), tile((P, Q), f32), plgpu.SMEM((2, Q), f32),
@@ -102,7 +102,7 @@ def step(zx_BZ, conv_LBWE, ssm_LBNPQ, layer, conv_w_LWE, conv_b_LE, dt_bias_LN, 
   return y_BI, conv_BWE, ssm_ref[...]
 
 
-def _kernel(layer_ref, k_ref, zx_ref, conv_ref, ssm_ref, w_ref, *refs, R, has_bias, interpret):
+def _kernel(layer_ref, k_ref, zx_ref, conv_ref, ssm_ref, w_ref, *refs, R, has_bias, gate, interpret):
   b_ref, refs = (refs[0], refs[1:]) if has_bias else (None, refs)
   dtb_ref, alog_ref, d_ref, y_ref, conv_out_ref, h_smem, bc_smem, h_bar = refs
   n, b = jax.lax.axis_index("n"), jax.lax.axis_index("b")
@@ -150,6 +150,7 @@ def _kernel(layer_ref, k_ref, zx_ref, conv_ref, ssm_ref, w_ref, *refs, R, has_bi
       store(bc_smem.at[i, pl.ds(j, P)], v)
       pl.when(leader)(shift)
   B, C = load(bc_smem.at[0], cols, smem=True), load(bc_smem.at[1], cols, smem=True)
+  z = load(zx_ref.at[b, pl.ds(n * P, P)]) if gate else None
 
   # The state's TMA goes out only now. Issued at the kernel's start, before the conv, it gives the same states
   # and is no faster (H100, Mamba-2 2.7B decode: 3.36 and 3.39 ms a token against 3.42 and 3.39).
@@ -166,5 +167,8 @@ def _kernel(layer_ref, k_ref, zx_ref, conv_ref, ssm_ref, w_ref, *refs, R, has_bi
   h_smem[...] = h
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(h_smem, ssm_ref.at[layer, b, n])
-  store(y_ref.at[b, pl.ds(n * P, P)], (h * bcast(C, 1)).sum(axis=1) + D * x)
+  y = (h * bcast(C, 1)).sum(axis=1) + D * x
+  if gate:  # y in zx's dtype, times silu(z), in float32
+    y = y.astype(dtype).astype(f32) * silu(z)
+  store(y_ref.at[b, pl.ds(n * P, P)], y)
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
