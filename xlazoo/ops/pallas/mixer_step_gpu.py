@@ -20,11 +20,10 @@ then its group's B and C channels, which go through SMEM into the layout of the 
 B and C in that layout from global memory, 32 values a thread, made the kernel 8.1 us a layer instead of
 6.7). TMA brings the head's state h [P, Q] (float32) meanwhile (issued first, then all of the conv's loads),
 the update and y = h C are elementwise products and one row sum on the register tile, and h goes back by
-TMA where it came from: the SSM stack
-is aliased to the output and written in place, one head per CTA. The new conv state (the window's last
-W-1 inputs) goes to a separate [B, W-1, E] output that the caller writes into its stack: the R heads of a
-group all read the group's B and C window, so none of them may overwrite it in place. The per-head
-scalars (dt, dt_bias, A_log, D) are read from global memory directly.
+TMA where it came from: the SSM stack is aliased to the output and written in place, one head per CTA.
+The new conv state (the window's last W-1 inputs) goes to a separate [B, W-1, E] output that the caller
+writes into its stack: the R heads of a group all read the group's B and C window, so none of them may
+overwrite it in place. The per-head scalars (dt, dt_bias, A_log, D) are read from global memory directly.
 
 Interpret mode (`interpret=` Mosaic GPU interpret params) runs the same kernel on the CPU; there the
 register layouts are skipped.
