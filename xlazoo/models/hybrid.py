@@ -39,7 +39,7 @@ from flax import struct
 from xlazoo.models import transformer
 from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.conv import causal_conv, conv_state
-from xlazoo.ops.mlp import ACTIVATIONS, LayerWeight, PreNorm, as_array, linear, linears
+from xlazoo.ops.mlp import ACTIVATIONS, PreNorm, as_array, linear, linears
 from xlazoo.ops.moe import route_sigmoid, routed_mlp
 from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.rope import Rope
@@ -627,14 +627,14 @@ def _shared(c: Config, blk: dict, p: dict, x_BTD, e_BTD, pos_BT, rope, cache: Ca
   """Zamba2's shared block on concat(x, embeddings): attention, then the MLP (no residuals inside),
   each with this layer's adapters; then this layer's linear."""
   a, f32 = p["adapters"], jnp.float32
-  h_BTC = rms_norm(jnp.concatenate([x_BTD, e_BTD], axis=-1), blk["attn_norm"]["scale"], c.norm_eps)
+  h_BTC = rms_norm(jnp.concatenate([x_BTD, e_BTD], axis=-1), as_array(blk["attn_norm"]["scale"]), c.norm_eps)
   delta = None
   if c.attn_adapters:
     r_BTR = {x: jnp.einsum("BTC,CR->BTR", h_BTC, a[f"{x}_a_CR"], preferred_element_type=f32) for x in "qkv"}
     delta = (jnp.einsum("BTR,RNH->BTNH", r_BTR["q"], a["q_b_RNH"], preferred_element_type=f32),
              *(jnp.einsum("BTR,RKH->BTKH", r_BTR[x], a[f"{x}_b_RKH"], preferred_element_type=f32) for x in "kv"))
   o_BTD, cache = _attend(c, blk["attn"], h_BTC, pos_BT, rope, cache, slot, delta)
-  h_BTD = rms_norm(o_BTD, blk["mlp_norm"]["scale"], c.norm_eps)
+  h_BTD = rms_norm(o_BTD, as_array(blk["mlp_norm"]["scale"]), c.norm_eps)
   r_BTR = jnp.einsum("BTD,DR->BTR", h_BTD, a["gate_up_a_DR"], preferred_element_type=f32)
   t_BTD = _mlp(c, blk["mlp"], h_BTD, jnp.einsum("BTR,RJ->BTJ", r_BTR, a["gate_up_b_RJ"], preferred_element_type=f32))
   return linear(t_BTD, p["w_DD"], "BTD,DE->BTE"), cache
@@ -701,8 +701,7 @@ def forward(
       mix, att = mix + (kind in MIXES), att + (kind in ATTENDS)
       # The norm goes with its input to the projections, which apply it (a decode step's GEMV kernel does,
       # the scale read in its stack).
-      scale_of = lambda t: (t["mamba"] if kind == "shared" else t)["norm"]["scale"]  # noqa: B023, E731
-      norm = PreNorm(LayerWeight(scale_of(params[kind]), i) if decode else scale_of(p), c.norm_eps)
+      norm = PreNorm((p["mamba"] if kind == "shared" else p)["norm"]["scale"], c.norm_eps)
       if kind == "shared":
         blk = layer_params(params["blocks"], i % c.shared_blocks, in_place=decode)
         t_BTD, cache = _shared(c, blk, p, x_BTD, e_BTD, pos_BT, rope, cache, at)

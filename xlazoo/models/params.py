@@ -76,17 +76,22 @@ class Model:
 MIXER_STEP_KEYS = ("conv_w_WE", "conv_b_E", "dt_bias_N", "A_log_N", "D_N")
 
 
+# The norms that go with their input to the projections after them (ops.mlp.PreNorm), whose scales a GEMV kernel
+# may apply: the layers' pre-norms and the Mamba-2 mixer's gated norm (before out_proj).
+PRE_NORM_KEYS = ("norm", "attn_norm", "mlp_norm", "gate_norm")
+
+
 def _in_place(path) -> bool:
   """Matrices that `linear` reads (w..._<dims>), not the experts' stacks (..._X..), which the MoE op reads;
-  the mixer step's vectors; and the mixer's gated-norm scale, which out_proj's GEMV kernel may apply."""
+  the mixer step's vectors; and the pre-norms' scales."""
   key, parent = (getattr(k, "key", "") for k in (path[-1], path[-2] if len(path) > 1 else None))
-  return (key.startswith("w") and "X" not in key.rsplit("_", 1)[-1]) or key in MIXER_STEP_KEYS or parent == "gate_norm"
+  return (key.startswith("w") and "X" not in key.rsplit("_", 1)[-1]) or key in MIXER_STEP_KEYS or parent in PRE_NORM_KEYS
 
 
 def layer_params(tree: dict, i: jax.Array, *, in_place: bool = False) -> dict:
-  """Layer i of a tree of [L, ...] stacks. in_place (decode): `linear`'s matrices and the mixer step's
-  vectors stay in their stacks as LayerWeight, which a kernel reads where they lie; everything else is
-  sliced out."""
+  """Layer i of a tree of [L, ...] stacks. in_place (decode): `linear`'s matrices, the mixer step's vectors
+  and the pre-norms' scales stay in their stacks as LayerWeight, which a kernel reads where they lie;
+  everything else is sliced out."""
   def one(path, a):
     if in_place and _in_place(path):
       return LayerWeight(a, i)

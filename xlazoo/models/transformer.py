@@ -23,7 +23,7 @@ from flax import struct
 
 from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.attention import attention, causal_attention, decode_attention
-from xlazoo.ops.mlp import ACTIVATIONS, LayerWeight, PreNorm, gated_mlp, linear, linears
+from xlazoo.ops.mlp import ACTIVATIONS, PreNorm, gated_mlp, linear, linears
 from xlazoo.ops.norms import rms_norm
 from xlazoo.ops.rope import ROPE_TYPES, Rope, apply_rope
 
@@ -426,10 +426,7 @@ def forward(
     window = window if same_window is None else same_window
 
     def pre_norm(name):  # handed with x to the projections, which apply it (a decode step's GEMV kernel does)
-      if not c.pre_norms:
-        return None
-      return PreNorm(LayerWeight(params["layers"][name]["scale"], layer) if decode else p[name]["scale"],
-                     c.rms_norm_eps, c.norm_offset)
+      return PreNorm(p[name]["scale"], c.rms_norm_eps, c.norm_offset) if c.pre_norms else None
 
     a_BTD, cache = _attention_block(c, p["attn"], x_BTD, positions, window, inv_freq_H, rope_scale, cache, layer,
                                     kv_len_B=kv_len_B, norm=pre_norm("attn_norm"))
