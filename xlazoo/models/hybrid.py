@@ -41,7 +41,7 @@ from xlazoo.models.params import Param, init_params, layer_params
 from xlazoo.ops.conv import causal_conv, conv_state
 from xlazoo.ops.mlp import ACTIVATIONS, PreNorm, as_array, linear, linears
 from xlazoo.ops.moe import route_sigmoid, routed_mlp
-from xlazoo.ops.norms import rms_norm
+from xlazoo.ops.norms import gated_rms_norm, rms_norm
 from xlazoo.ops.rope import Rope
 from xlazoo.ops.ssd import mixer_step, ssd
 
@@ -565,17 +565,13 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B, nor
     out_BTD = linear(y_BTNP.reshape(Bsz, T, I), p["w_out_ID"], "BTI,ID->BTD", p.get("b_out_D"),
                      PreNorm(p["gate_norm"]["scale"], c.gate_norm_eps))
   else:
-    y_BTI, gate_BTI = y_BTNP.reshape(Bsz, T, I).astype(jnp.float32), jax.nn.silu(z_BTI.astype(jnp.float32))
+    y_BTI = y_BTNP.reshape(Bsz, T, I)
     if c.gate_norm is None:
-      v_BTI = y_BTI * gate_BTI
+      v_BTI = (y_BTI.astype(jnp.float32) * jax.nn.silu(z_BTI.astype(jnp.float32))).astype(h_BTD.dtype)
     else:  # RMSNorm over each of the G groups of I / G channels, before or after the gate
-      v_BTI = y_BTI * gate_BTI if c.gate_norm == "gate_first" else y_BTI
-      v_BTGI = v_BTI.reshape(Bsz, T, G, I // G)
-      v_BTGI = v_BTGI * jax.lax.rsqrt(jnp.mean(v_BTGI * v_BTGI, axis=-1, keepdims=True) + c.gate_norm_eps)
-      v_BTI = v_BTGI.reshape(Bsz, T, I) * as_array(p["gate_norm"]["scale"]).astype(jnp.float32)
-      if c.gate_norm == "norm_first":
-        v_BTI = v_BTI * gate_BTI
-    out_BTD = linear(v_BTI.astype(h_BTD.dtype), p["w_out_ID"], "BTI,ID->BTD", p.get("b_out_D"))
+      v_BTI = gated_rms_norm(y_BTI, zxbcdt_BTZ, as_array(p["gate_norm"]["scale"]), c.gate_norm_eps, groups=G,
+                             norm_first=c.gate_norm == "norm_first").astype(h_BTD.dtype)
+    out_BTD = linear(v_BTI, p["w_out_ID"], "BTI,ID->BTD", p.get("b_out_D"))
   if m.ssm_out != 1.0:
     out_BTD = out_BTD * jnp.asarray(m.ssm_out, out_BTD.dtype)
   return out_BTD, cache
