@@ -1,5 +1,5 @@
-"""The models with every Mosaic GPU kernel that applies switched on: flash attention, the SSD scan and the
-gated norm (prefill), decode attention, the layer GEMVs and the Mamba-2 mixer step (decode steps).
+"""The models with every Mosaic GPU kernel that applies switched on: flash attention, the SSD scan, the
+conv and the gated norm (prefill), decode attention, the layer GEMVs and the Mamba-2 mixer step (decode steps).
 
 Bfloat16 models of every family, shaped so that each kernel's shape rules hold, run a prefill with a cache
 and then decode steps on fixed tokens; each step's logits must match those of the same model on the jnp
@@ -17,6 +17,7 @@ from tests.parity import rel_err
 from xlazoo import bench
 from xlazoo.ops.pallas import (
   attention_gpu,
+  conv_gpu,
   decode_gpu,
   gated_norm_gpu,
   matvec_gpu,
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.usefixtures("mosaic_gpu_interpreter")
 BF16_TOL = 3e-2  # bfloat16 rounding, through two layers: about 1e-2 measured (Zamba2's shared blocks: up to 3.3e-2)
 KERNELS = {  # module: its entry points that take `interpret`
     attention_gpu: ("flash_attention",),
+    conv_gpu: ("causal_conv_silu",),
     decode_gpu: ("decode_attention",),
     gated_norm_gpu: ("gated_rms_norm",),
     matvec_gpu: ("layer_matmuls",),
@@ -80,33 +82,33 @@ FAMILIES = {
     "mistral-window": (dict(ATTN, model_type="mistral", sliding_window=16), DENSE),
     "olmo2-postnorm": (dict(ATTN, model_type="olmo2", hidden_size=256, head_dim=None), DENSE - {"layer_matmuls with the norm"}),
     "mamba2-groups": (dict(MAMBA2, n_groups=2, use_conv_bias=False, layer_norm_epsilon=1e-3),
-                      {"ssd", "gated_rms_norm", "step", "layer_matmuls with the norm", "layer_matmuls"}),
+                      {"ssd", "causal_conv_silu", "gated_rms_norm", "step", "layer_matmuls with the norm", "layer_matmuls"}),
     "mamba2-bias-state128": (dict(MAMBA2, use_bias=True, state_size=128, time_step_limit=(0.05, 2.0)),
-                             {"ssd", "gated_rms_norm", "step with the gate", "layer_matmuls with the norm"}),
+                             {"ssd", "causal_conv_silu", "gated_rms_norm", "step with the gate", "layer_matmuls with the norm"}),
     "bamba": (dict(ATTN, model_type="bamba", attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=64, mamba_d_state=64,
-                   mamba_n_groups=1, mamba_chunk_size=32), DENSE | {"ssd", "gated_rms_norm", "step with the gate"}),
+                   mamba_n_groups=1, mamba_chunk_size=32), DENSE | {"ssd", "causal_conv_silu", "gated_rms_norm", "step with the gate"}),
     "nemotron_h-moe": (dict(ATTN, model_type="nemotron_h", hybrid_override_pattern="M*-E", mamba_num_heads=4,
                             mamba_head_dim=64, ssm_state_size=128, n_groups=2, chunk_size=32, n_routed_experts=4,
                             num_experts_per_tok=2, moe_intermediate_size=128, moe_shared_expert_intermediate_size=128,
-                            n_group=1, topk_group=1), DENSE | {"ssd", "gated_rms_norm", "step"}),
+                            n_group=1, topk_group=1), DENSE | {"ssd", "causal_conv_silu", "gated_rms_norm", "step"}),
     "falcon_h1-gate_first": (dict(ATTN, model_type="falcon_h1", mamba_d_ssm=256, mamba_n_heads=4, mamba_d_state=64,
                                   mamba_n_groups=1, mamba_chunk_size=32, mamba_rms_norm=True, mamba_norm_before_gate=False,
                                   ssm_multipliers=[0.5, 1.5, 2.0, 0.25, 3.0], mlp_multipliers=[1.2, 0.6],
                                   embedding_multiplier=2.0, key_multiplier=0.7),
-                             DENSE | {"ssd", "gated_rms_norm", "step with the gate"}),
+                             DENSE | {"ssd", "causal_conv_silu", "gated_rms_norm", "step with the gate"}),
     "falcon_h1-norm_first": (dict(ATTN, model_type="falcon_h1", mamba_d_ssm=256, mamba_n_heads=4, mamba_d_state=64,
                                   mamba_n_groups=2, mamba_chunk_size=32, mamba_rms_norm=True, ssm_in_multiplier=1.1),
-                             DENSE | {"ssd", "gated_rms_norm", "step"}),
+                             DENSE | {"ssd", "causal_conv_silu", "gated_rms_norm", "step"}),
     "zamba2": (dict(ATTN, model_type="zamba2", layers_block_type=["mamba", "hybrid", "hybrid"], num_hidden_layers=3,
                     n_mamba_heads=4, mamba_d_state=64, mamba_ngroups=1, chunk_size=32, num_mem_blocks=2,
                     use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True, num_key_value_heads=4),
-               DENSE | {"ssd", "gated_rms_norm", "step with the gate"}),
+               DENSE | {"ssd", "causal_conv_silu", "gated_rms_norm", "step with the gate"}),
 }
 # (config, batch, the kernels it calls). Batch 1: a decode step writes its one KV slot with an update in place;
 # batch 2: with a scatter. In Mamba-2 (one group, the gate before the norm) the mixer step applies the gate and
 # the gated norm goes into out_proj's GEMV.
 CASES = {"llama-1": (LLAMA, 1, DENSE), "llama-2": (LLAMA, 2, DENSE),
-         "mamba2-2": (MAMBA2, 2, {"ssd", "gated_rms_norm", "step with the gate", "layer_matmuls with the norm"})}
+         "mamba2-2": (MAMBA2, 2, {"ssd", "causal_conv_silu", "gated_rms_norm", "step with the gate", "layer_matmuls with the norm"})}
 CASES |= {name: (hf, 2, want) for name, (hf, want) in FAMILIES.items()}
 
 

@@ -28,6 +28,7 @@ at any position. Prompts are right-padded; the prefill takes each row's states a
 """
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -38,7 +39,7 @@ from flax import struct
 
 from xlazoo.models import transformer
 from xlazoo.models.params import Param, init_params, layer_params
-from xlazoo.ops.conv import causal_conv, conv_state
+from xlazoo.ops.conv import causal_conv_silu, conv_state
 from xlazoo.ops.mlp import ACTIVATIONS, PreNorm, as_array, linear, linears
 from xlazoo.ops.moe import route_sigmoid, routed_mlp
 from xlazoo.ops.norms import gated_rms_norm, rms_norm
@@ -542,11 +543,11 @@ def _mamba(c: Config, p: dict, h_BTD, cache: Cache | None, layer, lengths_B, nor
     if cache is not None:
       n_B = lengths_B if lengths_B is not None else jnp.full((Bsz,), T, jnp.int32)
       new_conv = conv_state(xbc_BTE, n_B, W, before)
-    xbc_BTE = causal_conv(xbc_BTE, p["conv_w_WE"], p.get("conv_b_E"), before)
     # x, B and C in the activations' dtype (as transformers and mamba_ssm have them): bfloat16 operands of
-    # the SSD's matmuls in a bfloat16 model.
-    xbc_BTE = jax.nn.silu(xbc_BTE).astype(zxbcdt_BTZ.dtype)
-    x_BTI, b_BTG, c_BTG = jnp.split(xbc_BTE, [I, I + G * Q], axis=-1)
+    # the SSD's matmuls in a bfloat16 model. x apart from B and C: the SSD takes each as an array of its own.
+    conv = functools.partial(causal_conv_silu, zxbcdt_BTZ, p["conv_w_WE"], p.get("conv_b_E"), before, start=I)
+    x_BTI, bc_BTG = conv(channels=(0, I)), conv(channels=(I, c.conv_dim))
+    b_BTG, c_BTG = jnp.split(bc_BTG, 2, axis=-1)
     x_BTNP = x_BTI.reshape(Bsz, T, N, P)
     b_BTGQ, c_BTGQ = b_BTG.reshape(Bsz, T, G, Q), c_BTG.reshape(Bsz, T, G, Q)
     dt_BTN = jax.nn.softplus(dt_BTN.astype(jnp.float32) + p["dt_bias_N"].astype(jnp.float32))

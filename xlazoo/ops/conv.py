@@ -4,8 +4,12 @@ Dimensions: B batch, T sequence, F channels, W kernel width. The state holds the
 before the current position: y_t = b + sum_k w_k x_{t - (W-1) + k}.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from xlazoo.ops.pallas import conv_gpu
 
 
 def causal_conv(x_BTF: jax.Array, w_WF: jax.Array, b_F: jax.Array | None = None, state_BWF: jax.Array | None = None):
@@ -25,6 +29,44 @@ def causal_conv(x_BTF: jax.Array, w_WF: jax.Array, b_F: jax.Array | None = None,
     head_BWF = sum(sp_BWF[:, k : k + W - 1] * w_WF[k] for k in range(W))
     y_BTF = y_BTF + (head_BWF[:, :T] if T < W - 1 else jnp.pad(head_BWF, ((0, 0), (0, T - W + 1), (0, 0))))
   return y_BTF if b_F is None else y_BTF + b_F.astype(jnp.float32)
+
+
+def causal_conv_silu(xz_BTZ: jax.Array, w_WF: jax.Array, b_F: jax.Array | None = None, state_BWF: jax.Array | None = None,
+                     *, start: int, channels: tuple[int, int]) -> jax.Array:
+  """silu(causal_conv) of the conv's channels [c0, c1), rounded to xz's dtype, where the conv's F = w.shape[1]
+  inputs are xz's columns start .. start + F (in_proj's output, read in place: no slice of it is made).
+
+  On a Hopper GPU where `conv_gpu.supported` (a prefill), one Pallas kernel with this jnp form's gradient;
+  elsewhere the jnp form.
+  """
+  if conv_gpu.supported(xz_BTZ, w_WF, channels, state_BWF):
+    return _conv_kernel(xz_BTZ, w_WF, b_F, state_BWF, start, channels)
+  return causal_conv_silu_reference(xz_BTZ, w_WF, b_F, state_BWF, start=start, channels=channels)
+
+
+def causal_conv_silu_reference(xz_BTZ, w_WF, b_F=None, state_BWF=None, *, start, channels):
+  """`causal_conv_silu` in jnp."""
+  c0, c1 = channels
+  y_BTC = causal_conv(xz_BTZ[..., start + c0 : start + c1], w_WF[:, c0:c1], None if b_F is None else b_F[c0:c1],
+                      None if state_BWF is None else state_BWF[..., c0:c1])
+  return jax.nn.silu(y_BTC).astype(xz_BTZ.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _conv_kernel(xz_BTZ, w_WF, b_F, state_BWF, start, channels):
+  return conv_gpu.causal_conv_silu(xz_BTZ, w_WF, b_F, state_BWF, start=start, channels=channels)
+
+
+def _conv_kernel_fwd(xz_BTZ, w_WF, b_F, state_BWF, start, channels):
+  return _conv_kernel(xz_BTZ, w_WF, b_F, state_BWF, start, channels), (xz_BTZ, w_WF, b_F, state_BWF)
+
+
+def _conv_kernel_bwd(start, channels, inputs, grad):
+  reference = functools.partial(causal_conv_silu_reference, start=start, channels=channels)
+  return jax.vjp(reference, *inputs)[1](grad)
+
+
+_conv_kernel.defvjp(_conv_kernel_fwd, _conv_kernel_bwd)
 
 
 def conv_state(x_BTF: jax.Array, lengths_B: jax.Array, W: int, state_BWF: jax.Array | None = None) -> jax.Array:
