@@ -96,8 +96,11 @@ def _kernel(xz_ref, w_ref, *refs, start, c0, S, vec, has_bias, has_state, interp
   window = []  # inputs t0 - (W - 1) .. t0 - 1: from the rows before, or (t0 = 0) the state or zeros
   for k in range(W - 1):
     t = t0 - (W - 1) + k
-    before = load(state_ref.at[b, jnp.clip(t + W - 1, 0, W - 2), pl.ds(ch, S)]) if has_state else 0.0
-    window.append(jnp.where(t >= 0, row(jnp.maximum(t, 0)), before))
+    inside = (t >= 0).astype(f32)  # a 0/1 factor: Mosaic GPU does not broadcast a scalar predicate
+    x = inside * row(jnp.maximum(t, 0))
+    if has_state:
+      x = x + (1.0 - inside) * load(state_ref.at[b, jnp.clip(t + W - 1, 0, W - 2), pl.ds(ch, S)])
+    window.append(x)
 
   def block(i, window):  # rows t0 + i U .. t0 + (i + 1) U - 1, loaded at once
     t = t0 + i * ROWS_IN_FLIGHT
