@@ -9,6 +9,9 @@ import contextlib
 import threading
 
 import jax
+import jax.numpy as jnp
+
+from tests.parity import rel_err
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -55,3 +58,17 @@ def reset_interpreter():
   """After a failure the interpreter's shared state is left dirty."""
   if not ON_GPU:
     reset_gpu_interpret_mode_state()
+
+
+def assert_same_loss_and_grads(f, f_ref, args, tol=1e-2, grad_tol=2e-2):
+  """sum(f(*args)^2) and its gradients in every arg against f_ref's: a dispatch to a kernel (whose custom_vjp
+  differentiates the jnp form) agrees with the jnp form itself."""
+  def loss(g):
+    return lambda *a: jnp.sum(g(*a).astype(jnp.float32) ** 2)
+
+  argnums = tuple(range(len(args)))
+  val, grads = jax.value_and_grad(loss(f), argnums=argnums)(*args)
+  val_ref, grads_ref = jax.value_and_grad(loss(f_ref), argnums=argnums)(*args)
+  assert abs(float(val) - float(val_ref)) < tol * abs(float(val_ref))
+  for g, r in zip(grads, grads_ref, strict=True):
+    assert rel_err(g, r) < grad_tol
