@@ -25,23 +25,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from xlazoo.ops.pallas import on_hopper
-from xlazoo.ops.pallas.hopper import interpret_params
+from xlazoo.ops.pallas.hopper import interpret_params, strided_vector
 
-THREADS = 128
 ROWS = 64  # rows a CTA walks
 ROWS_IN_FLIGHT = 8  # rows loaded at once (their loads are independent)
-SLAB_VECTORS = 8  # a slab is at most 128 x 8 channels
 f32 = jnp.float32
 
 
 def _slab(C: int, dtype) -> tuple[int, int]:
-  """(channels a slab, values a thread) for C channels: the widest 16-byte-or-less vector that splits C into
-  slabs of 128 vectors; (0, 0) where none does."""
-  widest = 16 // jnp.dtype(dtype).itemsize
-  for v in (widest, widest // 2, widest // 4, 1):
-    if v and C % (THREADS * v) == 0:
-      return THREADS * v, v
-  return 0, 0
+  """(channels a slab, values a thread) for C channels: slabs of 128 vectors; (0, 0) where none fits."""
+  vec = strided_vector(C, dtype)
+  return 128 * vec, vec
 
 
 def supported(xz_BTZ, w_WF, channels, state_BWF=None) -> bool:
@@ -102,7 +96,7 @@ def _kernel(xz_ref, w_ref, *refs, start, c0, S, vec, has_bias, has_state, interp
       x = x + (1.0 - inside) * load(state_ref.at[b, jnp.clip(t + W - 1, 0, W - 2), pl.ds(ch, S)])
     window.append(x)
 
-  def block(i, window):  # rows t0 + i U .. t0 + (i + 1) U - 1, loaded at once
+  def block(i, window):  # ROWS_IN_FLIGHT rows from t0 + i ROWS_IN_FLIGHT, loaded at once
     t = t0 + i * ROWS_IN_FLIGHT
     inputs = [row(t + u) for u in range(ROWS_IN_FLIGHT)]
     for u, x in enumerate(inputs):

@@ -25,16 +25,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from xlazoo.ops.pallas import on_hopper
-from xlazoo.ops.pallas.hopper import interpret_params
+from xlazoo.ops.pallas.hopper import interpret_params, strided_vector
 
-THREADS = 128  # one warpgroup a row
 f32 = jnp.float32
-
-
-def _vector(J: int, dtype) -> int:
-  """Values a thread loads at once: 16 bytes where the group's width allows it, else fewer (0: none fits)."""
-  widest = 16 // jnp.dtype(dtype).itemsize
-  return next((v for v in (widest, widest // 2, widest // 4, 1) if v and J % (THREADS * v) == 0), 0)
 
 
 def supported(y_MI: jax.Array, zx_MZ: jax.Array, w_I: jax.Array, groups: int) -> bool:
@@ -44,17 +37,17 @@ def supported(y_MI: jax.Array, zx_MZ: jax.Array, w_I: jax.Array, groups: int) ->
     return False
   I, Z = y_MI.shape[1], zx_MZ.shape[1]
   return (on_hopper() and y_MI.dtype in (jnp.bfloat16, jnp.float16) and zx_MZ.dtype == w_I.dtype == y_MI.dtype and Z >= I
-          and Z * y_MI.dtype.itemsize % 16 == 0 and _vector(I // groups, y_MI.dtype) > 0)
+          and Z * y_MI.dtype.itemsize % 16 == 0 and strided_vector(I // groups, y_MI.dtype) > 0)
 
 
 def gated_rms_norm(y_MI, zx_MZ, w_I, *, eps: float, groups: int, norm_first: bool, interpret=False) -> jax.Array:
   """[M, I] in y's dtype; see the module docstring."""
   M, I = y_MI.shape
   if not (zx_MZ.shape[0] == M and zx_MZ.shape[1] >= I and w_I.shape == (I,) and I % groups == 0
-          and _vector(I // groups, y_MI.dtype)):
+          and strided_vector(I // groups, y_MI.dtype)):
     raise ValueError(f"gated norm kernel: y {y_MI.shape}, zx {zx_MZ.shape}, w {w_I.shape} and {groups} groups do not fit")
   kernel = functools.partial(_kernel, eps=float(eps), groups=groups, norm_first=norm_first,
-                             vec=_vector(I // groups, y_MI.dtype), interpret=bool(interpret))
+                             vec=strided_vector(I // groups, y_MI.dtype), interpret=bool(interpret))
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((M, I), y_MI.dtype), grid=(M,), grid_names=("m",),
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret_params(interpret),

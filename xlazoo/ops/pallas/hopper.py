@@ -95,6 +95,13 @@ def produce(streams, n, stages):
       plgpu.barrier_wait(free.at[ring_slot(t, stages)])
 
 
+def strided_vector(width: int, dtype) -> int:
+  """Values a thread of a warpgroup takes at once in a WG_STRIDED layout of `width` elements: 16 bytes where the
+  width allows it (a multiple of 128 such vectors), else fewer; 0 where none fits."""
+  widest = 16 // jnp.dtype(dtype).itemsize
+  return next((v for v in (widest, widest // 2, widest // 4, 1) if v and width % (128 * v) == 0), 0)
+
+
 def tile(shape, dtype, swizzle=128):
   """SMEM tiles in the layout wgmma and TMA want: (8, swizzle bytes) tiles, swizzled (128 bytes unless the
   operand's width needs a narrower one)."""
