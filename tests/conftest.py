@@ -15,6 +15,16 @@ def _mosaic_gpu_programs():
     yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+  """Each test module's compiled executables go with it: the interpreter's thousands of small programs, kept
+  over the whole suite, once crashed XLA's CPU compiler late in a run (a segfault in test_ssd.py)."""
+  yield
+  import jax
+
+  jax.clear_caches()
+
+
 @pytest.fixture
 def mosaic_gpu_interpreter(_mosaic_gpu_programs):
   """For tests of the Mosaic GPU kernels: each interpreted program compiles once per module, and the
