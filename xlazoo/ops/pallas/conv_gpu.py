@@ -9,8 +9,10 @@ conv width, C = c1 - c0 output channels.
 XLA's fusion of this reads each input row once per tap and takes 121 us a layer for Mamba-2 2.7B's x channels
 (8192 rows of 5120) on an H100, about half the copy ceiling; and slicing x, B and C out of in_proj's output for
 the SSD kernel would cost a copy. Here a CTA (a warpgroup) walks ROWS rows of a slab of 128 v channels (v
-values a thread, 16-byte loads where the width allows), ROWS_IN_FLIGHT rows loaded at once, and keeps the last
-W - 1 inputs in registers: each input is read from memory once, and each output written once.
+values a thread, 16-byte loads where the width allows) in blocks of ROWS_IN_FLIGHT rows, each block's rows
+loaded during the block before, and keeps the last W - 1 inputs in registers: each input is read from memory
+once, and each output written once. At the 2.7B shape it takes 65 us (2.6 TB/s) a layer for x: 85 us with
+64 rows a CTA and no loads across blocks.
 
 Interpret mode (`interpret=` Mosaic GPU interpret params) runs the same kernel on the CPU; there the register
 layouts are skipped.
@@ -27,7 +29,7 @@ from jax import lax
 from xlazoo.ops.pallas import on_hopper
 from xlazoo.ops.pallas.hopper import interpret_params, strided_vector
 
-ROWS = 64  # rows a CTA walks
+ROWS = 32  # rows a CTA walks
 ROWS_IN_FLIGHT = 8  # rows loaded at once (their loads are independent)
 f32 = jnp.float32
 
@@ -85,6 +87,7 @@ def _kernel(xz_ref, w_ref, *refs, start, c0, S, vec, has_bias, has_state, interp
   def row(t):  # conv input t of the slab (t >= 0)
     return load(xz_ref.at[b, jnp.minimum(t, T - 1), pl.ds(start + ch, S)])
 
+  first = [row(t0 + u) for u in range(ROWS_IN_FLIGHT)]  # the first block's rows
   taps = [load(w_ref.at[k, pl.ds(ch, S)]) for k in range(W)]
   bias = load(b_ref.at[pl.ds(ch, S)]) if has_bias else None
   window = []  # inputs t0 - (W - 1) .. t0 - 1: from the rows before, or (t0 = 0) the state or zeros
@@ -96,9 +99,14 @@ def _kernel(xz_ref, w_ref, *refs, start, c0, S, vec, has_bias, has_state, interp
       x = x + (1.0 - inside) * load(state_ref.at[b, jnp.clip(t + W - 1, 0, W - 2), pl.ds(ch, S)])
     window.append(x)
 
-  def block(i, window):  # ROWS_IN_FLIGHT rows from t0 + i ROWS_IN_FLIGHT, loaded at once
+  blocks = lax.div(jnp.minimum(ROWS, T - t0) + ROWS_IN_FLIGHT - 1, ROWS_IN_FLIGHT)
+
+  def block(i, carry):  # ROWS_IN_FLIGHT rows from t0 + i ROWS_IN_FLIGHT, loaded during the block before
+    window, inputs = carry
     t = t0 + i * ROWS_IN_FLIGHT
-    inputs = [row(t + u) for u in range(ROWS_IN_FLIGHT)]
+    # The next block's rows go out before this block's arithmetic; the last block reloads its own (cached).
+    t_next = jnp.where(i + 1 < blocks, t + ROWS_IN_FLIGHT, t)
+    next_inputs = [row(t_next + u) for u in range(ROWS_IN_FLIGHT)]
     for u, x in enumerate(inputs):
       window = [*window, x]
       acc = sum(w * v for w, v in zip(taps, window))
@@ -111,7 +119,6 @@ def _kernel(xz_ref, w_ref, *refs, start, c0, S, vec, has_bias, has_state, interp
         out_ref[b, t + u, pl.ds(ch - c0, S)] = y.astype(out_ref.dtype)
 
       window = window[1:]
-    return window
+    return window, next_inputs
 
-  n = jnp.minimum(ROWS, T - t0)
-  lax.fori_loop(0, lax.div(n + ROWS_IN_FLIGHT - 1, ROWS_IN_FLIGHT), block, window)
+  lax.fori_loop(0, blocks, block, (window, first))
