@@ -2,10 +2,10 @@
 (xlazoo.ops.conv.causal_conv_silu_reference) on the same inputs.
 
 Conv widths 2 to 4, with and without a bias and a conv state, sequences shorter than a block of rows and
-ragged over one or several CTAs (T = 3, 17, 70), batches of 1 and 2, channel ranges that take 16-, 4- and 2-byte loads and start inside the
-conv's channels, bfloat16 and float16; the gradient through the dispatch. On the CPU the kernel runs in the
-Mosaic GPU interpreter; the compiled path's lowering is checked separately. On the GPU the Mamba-2 2.7B
-shape (8192 rows) runs too.
+ragged over one or several CTAs (T = 3, 17, 70), batches of 1 and 2, channel ranges that take 16-, 4- and
+2-byte loads and start inside the conv's channels, bfloat16 and float16; the gradient through the dispatch.
+On the CPU the kernel runs in the Mosaic GPU interpreter; the compiled path's lowering is checked separately.
+On the GPU the Mamba-2 2.7B shape (8192 rows) runs too.
 """
 
 import functools
