@@ -6,22 +6,24 @@ each), Q state size; L tokens per chunk (the M of the wgmmas), t / s a target / 
 Computes `xlazoo.ops.ssd.ssd_reference`: per head, h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T and
 y_t = h_t C_t + D x_t, from an initial state, returning y (in x's dtype) and the final state (float32).
 
-Design: one CTA per (head, batch row) walks the head's chunks in order and keeps the state h [P, Q] as a
-float32 wgmma accumulator in registers, so neither the [L, L] decays nor the per-chunk states ever go to
-memory. A producer warpgroup streams each chunk's x, B, C and five float32 vectors computed by XLA (cs,
-the running sum of dt A inside the chunk; x's row scale dt_s exp(cs_L - cs_s); cs and dt again, for the
-columns: one SMEM vector cannot be read in both the row and the column layout; D) through a ring of SMEM
-slots; the consumer warpgroup does, per chunk:
+Design: one CTA per (head, batch row) walks the head's chunks in order, so neither the [L, L] decays nor the
+per-chunk states ever go to memory. A producer warpgroup streams each chunk's x, B, C and five float32 vectors
+computed by XLA (cs, the running sum of dt A inside the chunk; x's row scale dt_s exp(cs_L - cs_s); cs and dt
+again, for the columns: one SMEM vector cannot be read in both the row and the column layout; D) through a ring
+of SMEM slots. Two consumer warpgroups share the work of a chunk, so that the chain of states runs beside the
+outputs rather than in series with them:
 
-    x' = x * dt_s exp(cs_L - cs_s)                        (row s; bfloat16, into SMEM)
-    S = C B^T,   Y = C h^T,   h = exp(cs_L) h + x'^T B      (three wgmmas, one wait; h as it entered, in
-                                                           bfloat16 in SMEM, feeds Y)
-    y = Y exp(cs_t) + (S * exp(cs_t - cs_s) dt_s [s <= t]) x + D x    (one more wgmma)
+    state:   x' = x * dt_s exp(cs_L - cs_s)   (row s; 16-bit, into SMEM)
+             h = exp(cs_L) h + x'^T B         (h a float32 wgmma accumulator in registers; each state
+                                               handed on in 16 bits through a ring of HB SMEM slots)
+    output:  S = C B^T,   Y = C h^T           (h as the chunk entered it, from that ring)
+             y = Y exp(cs_t) + (S * exp(cs_t - cs_s) dt_s [s <= t]) x + D x
 
-and sends y out through SMEM by TMA, in x's dtype (as mamba_ssm's scan does: half the bytes of
-float32); the final state leaves at the end. The matmul operands are the inputs' 16-bit dtype with
-float32 accumulation, as in the reference. A padded step has dt = 0, which leaves the state unchanged,
-so ragged T is padded to whole chunks.
+H100, the Mamba-2 2.7B layer (80 heads, 8192 tokens): 187 us against 210 with one consumer warpgroup doing
+both in turn (benchmarks/RESULTS.md). The output warpgroup sends y out through SMEM by TMA, in x's dtype (as
+mamba_ssm's scan does: half the bytes of float32); the state warpgroup sends the final state at the end. The
+matmul operands are the inputs' 16-bit dtype with float32 accumulation, as in the reference. A padded step has
+dt = 0, which leaves the state unchanged, so ragged T is padded to whole chunks.
 
 Interpret mode (`interpret=` Mosaic GPU interpret params) runs the same kernel on the CPU, with the
 matrix products as jnp.dot on the SMEM tiles (see `hopper.Ops`).
@@ -47,7 +49,8 @@ from xlazoo.ops.pallas.hopper import (
 # and the tests use; benchmarks/RESULTS.md has its timings).
 ENABLED = True
 L = ROWS  # tokens per chunk
-STAGES = 3  # chunks in SMEM at once: 3 x 41 KiB at Q = 128, beside 64 KiB of fixed buffers
+STAGES = 3  # chunks in SMEM at once: 3 x 41 KiB at Q = 128, beside 80 KiB of fixed buffers
+HB = 2  # states in flight from the state warpgroup to the output one
 STREAMS = ("x", "b", "c", "v")
 f32 = jnp.float32
 
@@ -92,10 +95,10 @@ def _scan(x_BTNP, v_BNCVL, b_BTGQ, c_BTGQ, h_BNPQ, interpret):
   ops = Ops(interpret)
   bcast = lambda v, shape, dim: lax.broadcast_in_dim(v, shape, [dim])  # noqa: E731
 
-  def kernel(x_ref, v_ref, b_ref, c_ref, h0_ref, y_ref, h_ref, *, xs, hb, y, hf, h_bar, **ring):
+  def kernel(x_ref, v_ref, b_ref, c_ref, h0_ref, y_ref, h_ref, *, xs, hb, y, hf, h_bar, hb_ready, hb_free, **ring):
     n, b, wg = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("wg")
 
-    @pl.when(wg == 1)
+    @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
       plgpu.copy_gmem_to_smem(h0_ref.at[b, n], hf, h_bar.at[0])
@@ -106,53 +109,83 @@ def _scan(x_BTNP, v_BNCVL, b_BTGQ, c_BTGQ, h_BNPQ, interpret):
       produce([(src[k], ring[k], ring[k + "_ready"], ring[k + "_free"]) for k in STREAMS], nc, STAGES)
 
     @pl.when(wg == 0)
-    def _consumer():
-      plgpu.set_max_registers(256, action="increase")  # one consumer: as JAX's own pipelines give it
+    def _state():  # the chain of states: h_c = exp(cs_L) h_{c-1} + x'^T B, each handed on in 16 bits (hb)
+      plgpu.set_max_registers(232, action="increase")
       plgpu.barrier_wait(h_bar.at[0])
       h = ops.load(hf)
-      hb[...] = h.astype(dtype)
+      hb.at[0][...] = h.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(hb_ready.at[0])
 
       def body(c, h):
-        s = ring_slot(c, STAGES)
-        for k in STREAMS:
+        s, nxt = ring_slot(c, STAGES), ring_slot(c + 1, HB)
+        for k in ("x", "b", "v"):
           plgpu.barrier_wait(ring[k + "_ready"].at[s])
-        x, v = ring["x"].at[s], ring["v"].at[s]
-        cs_t, scale_t, cs_s, dt_s = (ops.vector(v.at[i], i // 2) for i in range(4))
-        last, d = v[0, L - 1], v[4, 0]
-        xv = ops.load(x).astype(f32)
-        xs[...] = (xv * bcast(scale_t, xv.shape, 0)).astype(dtype)
+        v = ring["v"].at[s]
+        xv = ops.load(ring["x"].at[s]).astype(f32)
+        xs[...] = (xv * bcast(ops.vector(v.at[1], 0), xv.shape, 0)).astype(dtype)
         plgpu.commit_smem()
-        S, Y, h = ops.mma(nt=[(ring["c"].at[s], ring["b"].at[s]), (ring["c"].at[s], hb)],
-                          tn=[(h * jnp.exp(last), xs, ring["b"].at[s])])
-        t_i, s_i = ops.iota(S.shape, 0), ops.iota(S.shape, 1)
-        diff = bcast(cs_t, S.shape, 0) - bcast(cs_s, S.shape, 1)
-        m = S * jnp.exp(jnp.where(t_i >= s_i, diff, -jnp.inf)) * bcast(dt_s, S.shape, 1)
-        yv, = ops.mma(acc=[(Y * bcast(jnp.exp(cs_t), Y.shape, 0), m.astype(dtype), x)])
-        for k in STREAMS:
+        h, = ops.mma(tn=[(h * jnp.exp(v[0, L - 1]), xs, ring["b"].at[s])])
+        for k in ("x", "b", "v"):
           plgpu.barrier_arrive(ring[k + "_free"].at[s])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's y has left SMEM
-        y[...] = (yv + d * xv).astype(dtype)
-        hb[...] = h.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y, y_ref.at[b, pl.ds(c * L, L), n])
+        @pl.when(c + 1 < nc)
+        def _():  # chunk c + 1's state, once chunk c + 1 - HB has read the slot
+          pl.when(c + 1 >= HB)(lambda: plgpu.barrier_wait(hb_free.at[nxt]))
+          hb.at[nxt][...] = h.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(hb_ready.at[nxt])
+
         return h
 
       h = lax.fori_loop(0, nc, body, h)
+      for c in range(max(nc - HB, 0), nc):  # the last frees: every phase waited for
+        plgpu.barrier_wait(hb_free.at[ring_slot(jnp.int32(c), HB)])
       hf[...] = h
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(hf, h_ref.at[b, n])
       plgpu.wait_smem_to_gmem(0)
 
+    @pl.when(wg == 1)
+    def _output():  # y = (C h_{c-1}^T) exp(cs_t) + (C B^T * exp(cs_t - cs_s) dt_s [s <= t]) x + D x
+      plgpu.set_max_registers(232, action="increase")
+
+      def body(c, carry):
+        s, hs = ring_slot(c, STAGES), ring_slot(c, HB)
+        for k in STREAMS:
+          plgpu.barrier_wait(ring[k + "_ready"].at[s])
+        plgpu.barrier_wait(hb_ready.at[hs])
+        x, v = ring["x"].at[s], ring["v"].at[s]
+        cs_t, cs_s, dt_s = ops.vector(v.at[0], 0), ops.vector(v.at[2], 1), ops.vector(v.at[3], 1)
+        d = v[4, 0]
+        S, Y = ops.mma(nt=[(ring["c"].at[s], ring["b"].at[s]), (ring["c"].at[s], hb.at[hs])])
+        plgpu.barrier_arrive(hb_free.at[hs])
+        t_i, s_i = ops.iota(S.shape, 0), ops.iota(S.shape, 1)
+        diff = bcast(cs_t, S.shape, 0) - bcast(cs_s, S.shape, 1)
+        m = S * jnp.exp(jnp.where(t_i >= s_i, diff, -jnp.inf)) * bcast(dt_s, S.shape, 1)
+        yv, = ops.mma(acc=[(Y * bcast(jnp.exp(cs_t), Y.shape, 0), m.astype(dtype), x)])
+        xv = ops.load(x).astype(f32)
+        for k in STREAMS:
+          plgpu.barrier_arrive(ring[k + "_free"].at[s])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's y has left SMEM
+        y[...] = (yv + d * xv).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y, y_ref.at[b, pl.ds(c * L, L), n])
+        return carry
+
+      lax.fori_loop(0, nc, body, 0)
+      plgpu.wait_smem_to_gmem(0)
+
   ring = dict(x=tile((STAGES, L, P), dtype), b=tile((STAGES, L, Q), dtype), c=tile((STAGES, L, Q), dtype),
               v=plgpu.SMEM((STAGES, 5, L), f32))
-  for k in STREAMS:
+  for k in STREAMS:  # the state and the output warpgroups both free x, B and the vectors; C is the output's alone
     ring[k + "_ready"] = plgpu.Barrier(num_barriers=STAGES)
-    ring[k + "_free"] = plgpu.Barrier(num_barriers=STAGES)
-  scratch = dict(xs=tile((L, P), dtype), hb=tile((P, Q), dtype), y=tile((L, P), dtype), hf=tile((P, Q), f32),
-                 h_bar=plgpu.Barrier(num_barriers=1), **ring)
+    ring[k + "_free"] = plgpu.Barrier(num_barriers=STAGES, num_arrivals=1 if k == "c" else 2)
+  scratch = dict(xs=tile((L, P), dtype), hb=tile((HB, P, Q), dtype), y=tile((L, P), dtype), hf=tile((P, Q), f32),
+                 h_bar=plgpu.Barrier(num_barriers=1), hb_ready=plgpu.Barrier(num_barriers=HB),
+                 hb_free=plgpu.Barrier(num_barriers=HB), **ring)
   out_type = (jax.ShapeDtypeStruct((Bsz, T, N, P), dtype), jax.ShapeDtypeStruct(h_BNPQ.shape, f32))
   return plgpu.kernel(
-      kernel, out_type=out_type, scratch_types=scratch, grid=(N, Bsz), grid_names=("n", "b"), num_threads=2,
+      kernel, out_type=out_type, scratch_types=scratch, grid=(N, Bsz), grid_names=("n", "b"), num_threads=3,
       thread_name="wg", kernel_name="ssd_scan", compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
   )(x_BTNP, v_BNCVL, b_BTGQ, c_BTGQ, h_BNPQ)
