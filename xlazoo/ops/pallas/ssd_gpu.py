@@ -16,11 +16,13 @@ outputs rather than in series with them:
     state:   x' = x * dt_s exp(cs_L - cs_s)   (row s; 16-bit, into SMEM)
              h = exp(cs_L) h + x'^T B         (h a float32 wgmma accumulator in registers; each state
                                                handed on in 16 bits through a ring of HB SMEM slots)
-    output:  S = C B^T,   Y = C h^T           (h as the chunk entered it, from that ring)
+    output:  S = C B^T, masked and decayed    (before it waits for the state)
+             Y = C h^T                        (h as the chunk entered it, from that ring)
              y = Y exp(cs_t) + (S * exp(cs_t - cs_s) dt_s [s <= t]) x + D x
 
-H100, the Mamba-2 2.7B layer (80 heads, 8192 tokens): 187 us against 210 with one consumer warpgroup doing
-both in turn (benchmarks/RESULTS.md). The output warpgroup sends y out through SMEM by TMA, in x's dtype (as
+H100, the Mamba-2 2.7B layer (80 heads, 8192 tokens), two runs: 210 us with one consumer warpgroup doing both in
+turn against 187 with two; 203 with the output waiting for the state first against 176 as here
+(benchmarks/RESULTS.md). The output warpgroup sends y out through SMEM by TMA, in x's dtype (as
 mamba_ssm's scan does: half the bytes of float32); the state warpgroup sends the final state at the end. The
 matmul operands are the inputs' 16-bit dtype with float32 accumulation, as in the reference. A padded step has
 dt = 0, which leaves the state unchanged, so ragged T is padded to whole chunks.
@@ -153,15 +155,16 @@ def _scan(x_BTNP, v_BNCVL, b_BTGQ, c_BTGQ, h_BNPQ, interpret):
         s, hs = ring_slot(c, STAGES), ring_slot(c, HB)
         for k in STREAMS:
           plgpu.barrier_wait(ring[k + "_ready"].at[s])
-        plgpu.barrier_wait(hb_ready.at[hs])
         x, v = ring["x"].at[s], ring["v"].at[s]
         cs_t, cs_s, dt_s = ops.vector(v.at[0], 0), ops.vector(v.at[2], 1), ops.vector(v.at[3], 1)
         d = v[4, 0]
-        S, Y = ops.mma(nt=[(ring["c"].at[s], ring["b"].at[s]), (ring["c"].at[s], hb.at[hs])])
-        plgpu.barrier_arrive(hb_free.at[hs])
+        S, = ops.mma(nt=[(ring["c"].at[s], ring["b"].at[s])])
         t_i, s_i = ops.iota(S.shape, 0), ops.iota(S.shape, 1)
         diff = bcast(cs_t, S.shape, 0) - bcast(cs_s, S.shape, 1)
         m = S * jnp.exp(jnp.where(t_i >= s_i, diff, -jnp.inf)) * bcast(dt_s, S.shape, 1)
+        plgpu.barrier_wait(hb_ready.at[hs])
+        Y, = ops.mma(nt=[(ring["c"].at[s], hb.at[hs])])
+        plgpu.barrier_arrive(hb_free.at[hs])
         yv, = ops.mma(acc=[(Y * bcast(jnp.exp(cs_t), Y.shape, 0), m.astype(dtype), x)])
         xv = ops.load(x).astype(f32)
         for k in STREAMS:
