@@ -11,9 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from xlazoo.ops.attention import attention
 from xlazoo.ops.pallas import attention_tpu as at
+from xlazoo.ops.pallas import partitioned
 
 ON_TPU = jax.default_backend() == "tpu"
 INTERPRET = False if ON_TPU else pltpu.InterpretParams()
@@ -161,6 +164,63 @@ def test_lowers_for_tpu():
       dec = lambda q, k, v, n: at.decode_attention(q, k, v, n, scale=0.1, window=7, softcap=5.0)  # noqa: E731
       text = jax.jit(dec).trace(q[:, 0], k, v, jnp.ones((2,), jnp.int32)).lower(lowering_platforms=("tpu",)).as_text()
       assert "tpu_custom_call" in text
+
+
+def _mesh():
+  return Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+
+
+def test_lowers_for_tpu_under_a_sharded_jit():
+  """Under a jit over several devices (a TPU host or pod, the model sharded by batch and heads) the kernels lower:
+  Mosaic TPU refuses a multi-device jit ("cannot be automatically partitioned"), so they go in as partitioned
+  calls, and each shard's kernel lowers where every mesh axis is manual (as XLA's partitioner lowers it)."""
+  mesh = _mesh()
+  q = jax.ShapeDtypeStruct((4, 256, 8, 128), bf16, sharding=NamedSharding(mesh, P("data", None, "model", None)))
+  k = jax.ShapeDtypeStruct((4, 256, 2, 128), bf16, sharding=NamedSharding(mesh, P("data", None, "model", None)))
+  n = jax.ShapeDtypeStruct((4,), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+  flash = lambda q, k, v: at.flash_attention(q, k, v, scale=0.1, window=9, softcap=5.0)  # noqa: E731
+  grads = jax.grad(lambda q, k, v: jnp.sum(flash(q, k, v).astype(f32)), argnums=(0, 1, 2))
+  dec = lambda q, k, v, n: at.decode_attention(q, k, v, n, scale=0.1)  # noqa: E731
+  qd = jax.ShapeDtypeStruct((4, 8, 128), bf16, sharding=NamedSharding(mesh, P("data", "model", None)))
+  for fn, args in ((grads, (q, k, k)), (dec, (qd, k, k, n))):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    assert "CustomSPMDPartitioning" in text
+    specs = [P("data", None, "model", None)] * 3 if fn is grads else [P("data", "model", None), *[P("data", None, "model", None)] * 2, P("data")]
+    local = jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0] if fn is dec else tuple(specs),
+                          check_vma=False)
+    assert "tpu_custom_call" in jax.jit(local).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def test_partitioned_runs_on_each_shard():
+  """`partitioned` runs the kernel on each device's shard of the factors it may shard (batch and kv heads here,
+  the query heads of a group with them), replicates the others first (T is sharded on the way in), and gives
+  what the unsharded call gives. The kernel here is the reference (interpret mode's callbacks cannot be
+  partitioned), recording the shapes it sees."""
+  seen = []
+
+  def kernel(q_BKGTH, k_BKSH, v_BKSH):
+    seen.append(q_BKGTH.shape)
+    B, K, G, T, H = q_BKGTH.shape
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    q_BTNH = q_BKGTH.reshape(B, K * G, T, H).transpose(0, 2, 1, 3)
+    o = attention(q_BTNH, k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3), pos, pos, scale=0.1, window=5)
+    return o.transpose(0, 2, 1, 3).reshape(q_BKGTH.shape)
+
+  run = jax.jit(partitioned(kernel, "b k g t h, b k s h, b k s h -> b k g t h", "bk"))
+  q, k, v, _ = _qkv(4, 16, 16, 8, 2, 8, f32, seed=3)
+  q, k, v = q.reshape(4, 16, 2, 4, 8).transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  ref = run(q, k, v)
+  mesh = _mesh()
+  put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))  # noqa: E731
+  o = run(put(q, "data", "model", None, None, None), put(k, "data", "model", None, None),
+          put(v, "data", None, "model", None))
+  assert seen[0] == (4, 2, 4, 16, 8) and (2, 1, 4, 16, 8) in seen[1:]
+  assert o.sharding.spec[:2] == ("data", "model")
+  np.testing.assert_allclose(np.asarray(o), np.asarray(ref), rtol=1e-6, atol=1e-6)
+  seen.clear()
+  o = run(put(q, None, None, None, "model", None), k, v)  # T sharded: gathered, the kernel sees all of it
+  assert seen and all(shape[3] == 16 for shape in seen)
+  np.testing.assert_allclose(np.asarray(o), np.asarray(ref), rtol=1e-6, atol=1e-6)
 
 
 def test_supported():

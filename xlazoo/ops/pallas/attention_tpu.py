@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from xlazoo.ops.pallas import partitioned
+
 NEG = -1e30  # masked score: finite, so exp(NEG - NEG) is 1, never NaN
 BIG = 1 << 30  # "no window"
 LANES = 128  # per-row statistics are kept broadcast over one vreg's lanes
@@ -295,6 +297,29 @@ def _blocks(T, G, block_q, block_k):
   return bq, bk, -(-T // m) * m
 
 
+@functools.cache
+def _sharded(kernel, scale, softcap, bq, bk, interpret):
+  """kernel (_fwd or _bwd) partitioned over batch rows and kv heads (`partitioned`): its queries and their
+  rows (the q, o, lse, d arrays [B, N, ...]) go in and out as [B, K, G, ...], so that a shard of kv heads
+  keeps its query heads."""
+  fwd = kernel is _fwd
+  rule = ("b k g t h, b k s h, b k s h, w -> b k g t h, b k g o t" if fwd else
+          "b k g t h, b k s h, b k s h, w, b k g o t, b k g o t, b k g t h -> b k g t h, b k s h, b k s h")
+
+  def run(q, k_BKTH, v_BKTH, w_1, *rows):
+    B, K, G = q.shape[:3]
+    flat = lambda x: x.reshape(B, K * G, *x.shape[3:])  # noqa: E731
+    outs = kernel(flat(q), k_BKTH, v_BKTH, w_1, *map(flat, rows), scale=scale, softcap=softcap, bq=bq, bk=bk,
+                  interpret=interpret)
+    return (outs[0].reshape(q.shape), *(o.reshape(B, K, G, *o.shape[2:]) if fwd else o for o in outs[1:]))
+
+  return run if interpret else partitioned(run, rule, "bk")  # interpret mode's callbacks cannot be partitioned
+
+
+def _grouped(K, *xs_BNX):
+  return [x.reshape(x.shape[0], K, x.shape[1] // K, *x.shape[2:]) for x in xs_BNX]
+
+
 def _to_blocks(x_BTXH, Tp):
   return jnp.pad(x_BTXH, ((0, 0), (0, Tp - x_BTXH.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
@@ -308,7 +333,9 @@ def _flash_fwd(q_BTNH, k_BTKH, v_BTKH, w_1, scale, softcap, bq, bk, interpret):
   T = q_BTNH.shape[1]
   bq, bk, Tp = _blocks(T, q_BTNH.shape[2] // k_BTKH.shape[2], bq, bk)
   q_BNTH, k_BKTH, v_BKTH = (_to_blocks(x, Tp) for x in (q_BTNH, k_BTKH, v_BTKH))
-  o_BNTH, lse_BN1T = _fwd(q_BNTH, k_BKTH, v_BKTH, w_1, scale=scale, softcap=softcap, bq=bq, bk=bk, interpret=interpret)
+  K = k_BKTH.shape[1]
+  o, lse = _sharded(_fwd, scale, softcap, bq, bk, interpret)(*_grouped(K, q_BNTH), k_BKTH, v_BKTH, w_1)
+  o_BNTH, lse_BN1T = (x.reshape(x.shape[0], -1, *x.shape[3:]) for x in (o, lse))
   return o_BNTH.transpose(0, 2, 1, 3)[:, :T], (q_BNTH, k_BKTH, v_BKTH, w_1, o_BNTH, lse_BN1T)
 
 
@@ -318,8 +345,10 @@ def _flash_bwd(scale, softcap, bq, bk, interpret, res, do_BTNH):
   bq, bk, _ = _blocks(T, q_BNTH.shape[1] // k_BKTH.shape[1], bq, bk)
   do_BNTH = _to_blocks(do_BTNH, Tp)
   d_BN1T = jnp.sum(do_BNTH.astype(jnp.float32) * o_BNTH.astype(jnp.float32), axis=-1)[:, :, None]
-  dq, dk, dv = _bwd(q_BNTH, k_BKTH, v_BKTH, w_1, lse_BN1T, d_BN1T, do_BNTH, scale=scale, softcap=softcap, bq=bq,
-                    bk=bk, interpret=interpret)
+  K = k_BKTH.shape[1]
+  q, lse, d, do = _grouped(K, q_BNTH, lse_BN1T, d_BN1T, do_BNTH)
+  dq, dk, dv = _sharded(_bwd, scale, softcap, bq, bk, interpret)(q, k_BKTH, v_BKTH, w_1, lse, d, do)
+  dq = dq.reshape(q_BNTH.shape)
   back = lambda x: x.transpose(0, 2, 1, 3)[:, :T]  # noqa: E731
   return back(dq), back(dk), back(dv), None
 
@@ -380,6 +409,29 @@ def _decode_kernel(len_ref, w_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc
     o_ref[...] = (acc_scr[...] / l_scr[...][:, :1]).astype(o_ref.dtype)
 
 
+def _decode(kernel, lengths_B, w_1, q_BKGH, k_BSKH, v_BSKH, *, bs, interpret):
+  B, K, G, H = q_BKGH.shape
+  S = k_BSKH.shape[1]
+
+  def kv_index(b, k, j, len_ref, w_ref):
+    lo, hi = _slot_blocks(len_ref[b], w_ref[0], S, bs)
+    return b, jnp.minimum(jnp.maximum(j, lo), hi), k
+
+  qo = pl.BlockSpec((None, None, G, H), lambda b, k, j, *_: (b, k, 0, 0))
+  kv = pl.BlockSpec((None, bs, H), kv_index)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=(B, K, pl.cdiv(S, bs)), in_specs=[qo, kv, kv], out_specs=qo,
+          scratch_shapes=[pltpu.VMEM((G, LANES), jnp.float32), pltpu.VMEM((G, LANES), jnp.float32),
+                          pltpu.VMEM((G, H), jnp.float32)],
+      ),
+      out_shape=jax.ShapeDtypeStruct((B, K, G, H), q_BKGH.dtype),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+  )(lengths_B, w_1, q_BKGH, k_BSKH.reshape(B, S, K * H), v_BSKH.reshape(B, S, K * H))
+
+
 def decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, scale: float, window=0, softcap: float | None = None,
                      interpret=False, block_s: int = 1024):
   """decode_attention's function: row b's query at position lengths[b] - 1 over cache slots [0, lengths[b]).
@@ -396,24 +448,11 @@ def decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, scale: float, window=0
   lengths_B = jnp.asarray(lengths_B, jnp.int32)
   w_1 = jnp.asarray(window, jnp.int32).reshape(1)
 
-  def kv_index(b, k, j, len_ref, w_ref):
-    lo, hi = _slot_blocks(len_ref[b], w_ref[0], S, bs)
-    return b, jnp.minimum(jnp.maximum(j, lo), hi), k
-
-  qo = pl.BlockSpec((None, None, G, H), lambda b, k, j, *_: (b, k, 0, 0))
-  kv = pl.BlockSpec((None, bs, H), kv_index)
   kernel = functools.partial(_decode_kernel, scale=float(scale), softcap=None if softcap is None else float(softcap), S=S)
-  o_BKGH = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(B, K, pl.cdiv(S, bs)), in_specs=[qo, kv, kv], out_specs=qo,
-          scratch_shapes=[pltpu.VMEM((G, LANES), jnp.float32), pltpu.VMEM((G, LANES), jnp.float32),
-                          pltpu.VMEM((G, H), jnp.float32)],
-      ),
-      out_shape=jax.ShapeDtypeStruct((B, K, G, H), q_BNH.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-  )(lengths_B, w_1, q_BNH.reshape(B, K, G, H), k_BSKH.reshape(B, S, K * H), v_BSKH.reshape(B, S, K * H))
+  run = functools.partial(_decode, kernel, bs=bs, interpret=interpret)
+  if not interpret:
+    run = partitioned(run, "b, w, b k g h, b s k h, b s k h -> b k g h", "bk")
+  o_BKGH = run(lengths_B, w_1, q_BNH.reshape(B, K, G, H), k_BSKH, v_BSKH)
   return o_BKGH.reshape(B, N, H)
 
 
