@@ -185,9 +185,8 @@ def test_lowers_for_tpu_under_a_sharded_jit():
   for fn, args in ((grads, (q, k, k)), (dec, (qd, k, k, n))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert "CustomSPMDPartitioning" in text
-    specs = [P("data", None, "model", None)] * 3 if fn is grads else [P("data", "model", None), *[P("data", None, "model", None)] * 2, P("data")]
-    local = jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0] if fn is dec else tuple(specs),
-                          check_vma=False)
+    specs = tuple(a.sharding.spec for a in args)
+    local = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0] if fn is dec else specs, check_vma=False)
     assert "tpu_custom_call" in jax.jit(local).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
 
 
