@@ -1,0 +1,313 @@
+"""A decode step of a whole Mamba-2 layer stack for one sequence, in one persistent Pallas Mosaic GPU kernel (Hopper).
+
+Dimensions (this file's letters): D model width, Z in_proj's width (z, x B C, dt, padding), I = N P inner width, N
+heads of P = 64 channels, Q state size, E = I + 2 Q conv channels (one group), W conv width, L layers; TK x TN a
+weight tile, S ring slots, NB blocks (one per SM).
+
+Computes, for l = 0 .. L-1, on the residual h (float32):
+
+    zx = rms_norm(h, norm_w[l]) @ w_in[l]
+    y, conv[l], ssm[l] = the mixer step on zx (conv, silu, dt, state update, y = h C + D x; as
+                         `xlazoo.ops.ssd.mixer_step_reference`), g = y silu(z)
+    h = h + rms_norm(g, gate_norm_w[l]) @ w_out[l]
+
+Why one kernel: a decode step streams every layer's weights once (80 MB a layer at the 2.7B shape), and a step of
+separate kernels loses time at every kernel boundary (ramp-up and tail of each GEMV, the small kernels between
+them, the layer loop's own overhead: 47 us a layer against the 31 that the bytes need). Here one producer
+warpgroup a block streams its share of every layer's in_proj and out_proj tiles, back to back, through a ring of
+S SMEM slots, and never waits for the computation except for a free slot. The consumer warpgroup runs the layer's
+three phases, separated by grid barriers (a global semaphore that every block increments and waits on):
+
+  A. in_proj: every block normalises h itself (it reads all of h for the 1 / rms), writes the x operand of each
+     of its units into SMEM, multiplies its tiles (wgmma, swap-AB: acc [TN, 8] = w^T x^T) and adds its partial
+     sums into zx (float32, in GMEM) by atomic adds. zx is double-buffered by layer parity; phase B zeroes the
+     other buffer.
+  B. the mixer step, one head a block (N <= NB): the conv of the head's x channels and of the group's B and C,
+     the state update (the state by TMA through SMEM, read before the barrier, as are the conv's old window, its
+     taps and the per-head parameters) and g = y silu(z), written to GMEM in the activations' dtype. The head's
+     x channels' conv state is written in place; the B and C window, which every head reads, is written by
+     block 0 after the next barrier.
+  C. out_proj: every block reads all of g for the gated norm's 1 / rms, writes g times the norm's scale as the
+     x operand of its units, multiplies, and adds its partials times 1 / rms into h by atomic adds.
+
+While the consumer waits at a barrier or runs the step, the producer keeps filling the ring with the next
+phase's tiles, so the stream does not stop (a grid barrier costs about 0.8 us behind 12 slots on an H100;
+benchmarks/RESULTS.md, "Decode, ninth session").
+
+The x operand: row 0 of an [8, TK] tile (swap-AB puts x in the wgmma's N = 8 columns; rows 1..7 stay zero). In
+the 128-byte swizzle a tile's row 0 is stored unpermuted, so the consumer writes it through an untransformed
+view of the same SMEM (a RefUnion) with plain vector stores. One sequence only: a batch of M rows would need the
+swizzle's permutation of rows 1..7 and M steps a head.
+
+Rounding differs from the layer-by-layer path: the residual stays float32 (the model's is in the activations'
+dtype), the partial sums are added in float32 in any order (atomics: not bitwise deterministic), and the gated
+norm's 1 / rms scales out_proj's sums instead of its input.
+"""
+
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from xlazoo.ops.pallas import on_hopper
+from xlazoo.ops.pallas.hopper import tile
+
+TK, TN = 64, 128  # weight tiles (16 KiB of bf16)
+SLOTS = 10  # ring slots: 160 KiB, with the x tiles (26 KiB at the 2.7B shape) and the state (32 KiB)
+XR = 8  # rows of an x tile: the wgmma's N in swap-AB; row 0 is the token
+P_ = 64  # head dim
+f32 = jnp.float32
+T = lambda ref: plgpu.transpose_ref(ref, (1, 0))  # noqa: E731
+
+
+def _blocks() -> int:
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def supported(h_MD, w_in_LDZ, w_out_LID, conv_LBWE, ssm_LBNPQ, groups: int) -> bool:
+  """Whether `step` handles these on this backend: Hopper, one sequence, bf16 or f16 weights and conv state, one
+  group, P = 64, Q of 64 or 128, widths in whole tiles, and no more heads than SMs."""
+  if h_MD.ndim != 2 or w_in_LDZ.ndim != 3 or w_out_LID.ndim != 3 or conv_LBWE.ndim != 4 or ssm_LBNPQ.ndim != 5:
+    return False
+  L, D, Z = w_in_LDZ.shape
+  _, Bsz, N, P, Q = ssm_LBNPQ.shape
+  dtype = w_in_LDZ.dtype
+  return (on_hopper() and h_MD.shape == (1, D) and Bsz == 1 and groups == 1 and P == P_ and Q in (64, 128)
+          and dtype in (jnp.bfloat16, jnp.float16) and w_out_LID.dtype == dtype and conv_LBWE.dtype == dtype
+          and ssm_LBNPQ.dtype == f32 and w_out_LID.shape == (L, N * P, D) and D % TN == 0 and Z % TN == 0
+          and conv_LBWE.shape[0] == L and N <= _blocks() and Z // TN <= _blocks())
+
+
+def _units(p, U, NB):
+  return lax.div(p * U, NB), lax.div((p + 1) * U, NB)
+
+
+def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_ref, alog_ref, d_ref, gnw_ref, wout_ref,
+            conv_ref, ssm_ref, ring, ready, free, xs, st_smem, bc_smem, st_bar, *, NB, S, eps, gn_eps, phases=3):
+  x_tiles, x_raw = xs
+  p, wg = lax.axis_index("p"), lax.axis_index("wg")
+  L, D, Z = win_ref.shape
+  I = wout_ref.shape[1]
+  N, P, Q = ssm_ref.shape[2:]
+  W, E = cw_ref.shape[1:]
+  dtype = win_ref.dtype
+  KA, KC = D // TK, I // TK  # K tiles of in_proj and out_proj
+  UA, UC = KA * (Z // TN), KC * (D // TN)  # their units (weight tiles)
+  phases = ((win_ref, KA, UA), (wout_ref, KC, UC))
+
+  @pl.when(wg == 1)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def layer(l, t):
+      for w_ref, KT, U in phases:
+        u0, u1 = _units(p, U, NB)
+
+        def fetch(u, t, w_ref=w_ref, KT=KT):
+          s = lax.rem(t, S)
+          pl.when(t >= S)(lambda: plgpu.barrier_wait(free.at[s]))
+          j = lax.div(u, KT)
+          plgpu.copy_gmem_to_smem(w_ref.at[l, pl.ds((u - j * KT) * TK, TK), pl.ds(j * TN, TN)], ring.at[s],
+                                  ready.at[s])
+          return t + 1
+
+        t = lax.fori_loop(u0, u1, fetch, t)
+      return t
+
+    t = lax.fori_loop(0, L, layer, jnp.int32(0))
+
+    @pl.loop(jnp.maximum(t - S, 0), t)
+    def _(i):
+      plgpu.barrier_wait(free.at[lax.rem(i, S)])
+
+  @pl.when(wg == 0)
+  def _consumer():
+    count = pl.get_global(plgpu.SemaphoreType.REGULAR)
+    done = pl.get_global(plgpu.SemaphoreType.REGULAR)
+
+    def grid_barrier(k):  # the k-th of this call (from 1): every block has signalled k times
+      plgpu.commit_smem()  # a warpgroup barrier first: one thread's release then covers the others' writes
+      plgpu.semaphore_signal(count, 1, memory_scope="gpu")
+      plgpu.semaphore_wait(count, NB * k, decrement=False, memory_scope="gpu")
+
+    rows = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector along a [64, X] tile's rows (two values a thread)
+    cols = plgpu.Layout.WGMMA.reduce(0)
+
+    def load(ref, layout=rows, smem=False):  # as float32
+      return plgpu.load(ref, (), layout=layout, optimized=smem).astype(f32)
+
+    def column(ref):  # column 0 of a [64, 8] float32 block of GMEM (h, zx: columns 1..7 hold zeros), in rows
+      return load(ref, plgpu.Layout.WGMMA).sum(axis=1)
+
+    def rstd(vectors, n, eps):  # 1 / rms of n values, given as [64] chunks (all loads issued before the sums)
+      return lax.rsqrt(jnp.sum(sum(v * v for v in vectors)) / n + eps)
+
+    def operands(u0, u1, KT, XN, vector):  # x tile i (row 0) = vector(k) for unit u0 + i, k its K tile
+      for i in range(XN):  # unrolled and without branches, so that every load is in flight at once
+        x_raw[i, 0, :] = vector(lax.rem(jnp.minimum(u0 + i, u1 - 1), KT)).astype(dtype)
+      plgpu.commit_smem()
+
+    def matmul(t, KT, U, out, s=None):  # the block's units of one phase; partials added into out [., 8]
+      u0, u1 = _units(p, U, NB)
+      j0 = lax.div(u0, KT)
+
+      def segment(q, t):
+        j = j0 + q
+        lo, hi = jnp.maximum(u0, j * KT), jnp.minimum(u1, (j + 1) * KT)
+
+        def accumulate(acc_ref):
+          def unit(u, t):
+            slot = lax.rem(t, S)
+            plgpu.barrier_wait(ready.at[slot])
+            plgpu.wgmma(acc_ref, T(ring.at[slot]), T(x_tiles.at[u - u0]))
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(free.at[slot])
+            return t + 1
+
+          t_end = lax.fori_loop(lo, hi, unit, t)
+          return acc_ref[...], t_end
+
+        acc, t = pl.run_scoped(accumulate, plgpu.ACC((TN, XR), f32))
+        plgpu.atomic_add(out.at[pl.ds(j * TN, TN)] if s is None else out.at[s, pl.ds(j * TN, TN)], acc)
+        return t
+
+      return lax.fori_loop(0, lax.div(u1 - 1, KT) - j0 + 1, segment, t)
+
+    x_raw[...] = jnp.zeros(x_raw.shape, dtype)  # rows 1..7 of every x tile stay zero
+    silu = lambda v: v / (1.0 + jnp.exp(-v))  # noqa: E731
+    bc_chunks = [(I + i * Q + j, i, j) for i in (0, 1) for j in range(0, Q, P)]
+    XA, XC = -(-UA // NB), -(-UC // NB)
+
+    def layer(l, t):
+      s = lax.rem(l, 2)  # zx's buffer
+      # A. in_proj on rms_norm(h)
+      r = rstd([column(h_ref.at[pl.ds(c * P, P)]) for c in range(D // P)], D, eps)
+      u0, u1 = _units(p, UA, NB)
+      operands(u0, u1, KA, XA,
+               lambda k: column(h_ref.at[pl.ds(k * TK, TK)]) * r * load(nw_ref.at[l, pl.ds(k * TK, TK)]))
+      t = matmul(t, KA, UA, zx_ref, s)
+      if phases == 1:
+        grid_barrier(3 * l + 1); grid_barrier(3 * l + 2); grid_barrier(3 * l + 3)
+        return t
+
+      # B, what does not depend on zx: the head's state (TMA), the conv's old window, taps, bias, the scalars.
+      head = p < N
+      n = jnp.minimum(p, N - 1)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last layer's state store has left st_smem
+      pl.when(head)(lambda: plgpu.copy_gmem_to_smem(ssm_ref.at[l, 0, n], st_smem, st_bar.at[0]))
+      chunks = [(n * P, None, 0)] + bc_chunks
+      old = [([load(conv_ref.at[l, 0, w, pl.ds(c, P)]) for w in range(W - 1)],
+              [load(cw_ref.at[l, w, pl.ds(c, P)]) for w in range(W)], load(cb_ref.at[l, pl.ds(c, P)]))
+             for c, _, _ in chunks]
+      dtb, alog, Dn = dtb_ref[l, n].astype(f32), alog_ref[l, n].astype(f32), d_ref[l, n].astype(f32)
+      grid_barrier(3 * l + 1)
+
+      # B. the mixer step (blocks < N), and zx's other buffer zeroed for the next layer
+      @pl.when(p < Z // TN)
+      def _():
+        zx_ref[1 - s, pl.ds(p * TN, TN), :] = plgpu.layout_cast(
+            jnp.zeros((TN, XR), f32), plgpu.Layout.WG_STRIDED((TN, XR), vec_size=XR))
+
+      new_zx = lambda c: column(zx_ref.at[s, pl.ds(c, P)]).astype(dtype).astype(f32)  # noqa: E731 (rounded, as
+      # the layer-by-layer path has in_proj's output)
+
+      @pl.when(head)
+      def _():
+        z = new_zx(n * P)
+        inputs = [new_zx(I + c) for c, _, _ in chunks]
+        dt = zx_ref[s, I + E + n, 0].astype(dtype).astype(f32) + dtb
+        dt = jnp.maximum(dt, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(dt)))  # softplus
+        decay = jnp.exp(-dt * jnp.exp(alog))
+        x = None
+        for (c, i, j), (window, taps, bias), new in zip(chunks, old, inputs):
+          window = window + [new]
+          v = silu(sum(tp * w for tp, w in zip(taps, window)) + bias).astype(dtype).astype(f32)
+          if i is None:
+            x = v
+            for w in range(W - 1):
+              conv_ref[l, 0, w, pl.ds(c, P)] = window[w + 1].astype(conv_ref.dtype)
+          else:
+            bc_smem[i, pl.ds(j, P)] = v
+        plgpu.commit_smem()
+        B, C = load(bc_smem.at[0], cols, smem=True), load(bc_smem.at[1], cols, smem=True)
+        plgpu.barrier_wait(st_bar.at[0])
+        st = load(st_smem, plgpu.Layout.WGMMA, smem=True)
+        bcast = lambda v, dim: lax.broadcast_in_dim(v, (P, Q), [dim])  # noqa: E731
+        st = st * decay + bcast(x * dt, 0) * bcast(B, 1)
+        st_smem[...] = st
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_smem, ssm_ref.at[l, 0, n])
+        y = (st * bcast(C, 1)).sum(axis=1) + Dn * x
+        g = (y.astype(dtype).astype(f32) * silu(z)).astype(dtype)
+        g_ref[pl.ds(n * P, P)] = g
+        g = g.astype(f32)
+        ss_ref[n] = jnp.sum(g * g)  # the gated norm's sum of squares, this head's share
+
+      # The B and C window's new state, kept for after the barrier (every head reads the old one until then).
+      bc_window = [window[1:] for window, _, _ in old[1:]]
+      grid_barrier(3 * l + 2)
+
+      # C. out_proj on rms_norm(g)
+      @pl.when(p == 0)
+      def _():
+        for (c, _, _), window in zip(bc_chunks, bc_window):
+          news = window + [new_zx(I + c)]
+          for w in range(W - 1):
+            conv_ref[l, 0, w, pl.ds(c, P)] = news[w].astype(conv_ref.dtype)
+
+      r = lax.rsqrt(jnp.sum(sum(load(ss_ref.at[pl.ds(c, P)]) for c in range(0, ss_ref.shape[0], P))) / I + gn_eps)
+      u0, u1 = _units(p, UC, NB)
+      operands(u0, u1, KC, XC, lambda k: load(g_ref.at[pl.ds(k * TK, TK)]) * r * load(gnw_ref.at[l, pl.ds(k * TK, TK)]))
+      t = matmul(t, KC, UC, h_ref)
+      grid_barrier(3 * l + 3)
+      return t
+
+    lax.fori_loop(0, L, layer, jnp.int32(0))
+    plgpu.wait_smem_to_gmem(0)
+    # Every block is past the last barrier: the count back to 0 for the next call.
+    plgpu.semaphore_signal(done, 1, memory_scope="gpu")
+
+    @pl.when(p == 0)
+    def _():
+      plgpu.semaphore_wait(done, NB, memory_scope="gpu")
+      plgpu.semaphore_signal(count, -NB * 3 * L, memory_scope="gpu")
+
+
+def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, D_LN, gate_norm_w_LI, w_out_LID,
+         conv_LBWE, ssm_LBNPQ, *, eps: float, gate_norm_eps: float, debug=None):
+  """(h [D] float32 after the L layers, the conv stack, the SSM stack), both stacks stepped; see the module
+  docstring. h_D: the residual entering layer 0 (any float dtype)."""
+  L, D, Z = w_in_LDZ.shape
+  N, P, Q = ssm_LBNPQ.shape[2:]
+  NB = _blocks()
+  dtype = w_in_LDZ.dtype
+  UA = (D // TK) * (Z // TN)
+  UC = (N * P // TK) * (D // TN)
+  XS = max(-(-UA // NB), -(-UC // NB))  # x tiles: the most units a block has in a phase
+  h_ref = jax.new_ref(jnp.zeros((D, XR), f32).at[:, 0].set(h_D.astype(f32)), memory_space=plgpu.GMEM)
+  zx_ref = jax.new_ref(jnp.zeros((2, Z, XR), f32), memory_space=plgpu.GMEM)
+  g_ref = jax.new_ref(jnp.zeros((N * P,), dtype), memory_space=plgpu.GMEM)
+  ss_ref = jax.new_ref(jnp.zeros((-(-N // P) * P,), f32), memory_space=plgpu.GMEM)  # per head; padded with zeros
+  conv_ref = jax.new_ref(conv_LBWE, memory_space=plgpu.GMEM)
+  ssm_ref = jax.new_ref(ssm_LBNPQ, memory_space=plgpu.GMEM)
+  body = functools.partial(_kernel, NB=NB, S=SLOTS, eps=float(eps), gn_eps=float(gate_norm_eps), **(debug or {}))
+  scratch = [
+      tile((SLOTS, TK, TN), dtype), plgpu.Barrier(num_barriers=SLOTS), plgpu.Barrier(num_barriers=SLOTS),
+      plgpu.RefUnion(tile((XS, XR, TK), dtype), plgpu.SMEM((XS, XR, TK), dtype)),
+      tile((P, Q), f32), plgpu.SMEM((2, Q), f32), plgpu.Barrier(num_barriers=1),
+  ]
+
+  def kernel(*refs):
+    pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
+
+  pl.kernel(kernel, out_type=(), mesh=plgpu.Mesh(grid=(NB,), grid_names=("p",), num_threads=2, thread_name="wg",
+                                                 kernel_name="mamba2_stack"),
+            compiler_params=plgpu.CompilerParams(approx_math=True))(
+      h_ref, zx_ref, g_ref, ss_ref, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, D_LN, gate_norm_w_LI,
+      w_out_LID, conv_ref, ssm_ref)
+  if debug is not None:
+    return h_ref[...], conv_ref[...], ssm_ref[...], zx_ref[...], g_ref[...]
+  return h_ref[...][:, 0], conv_ref[...], ssm_ref[...]
