@@ -23,12 +23,12 @@ three phases, separated by grid barriers (a global semaphore that every block in
      sums into zx (float32, in GMEM) by atomic adds. zx is double-buffered by layer parity; phase B zeroes the
      other buffer.
   B. the mixer step, one head a block (N <= NB): the conv of the head's x channels and of the group's B and C,
-     the state update (the state by TMA through SMEM, read before the barrier, as are the conv's old window, its
-     taps and the per-head parameters) and g = y silu(z), written to GMEM in the activations' dtype. The head's
-     x channels' conv state is written in place; the B and C window, which every head reads, is written by
-     block 0 after the next barrier.
-  C. out_proj: every block reads all of g for the gated norm's 1 / rms, writes g times the norm's scale as the
-     x operand of its units, multiplies, and adds its partials times 1 / rms into h by atomic adds.
+     the state update (the state by TMA through SMEM, which it shares with the x tiles; read before the barrier,
+     as are the conv's old window, its taps and the per-head parameters) and g = y silu(z), written to GMEM in
+     the activations' dtype with the head's sum of g^2. The head's x channels' conv state is written in place;
+     the B and C window, which every head reads, is written by block 0 after the next barrier.
+  C. out_proj: every block sums the heads' g^2 for the gated norm's 1 / rms, writes the normed g as the x
+     operand of its units, multiplies, and adds its partials into h by atomic adds.
 
 While the consumer waits at a barrier or runs the step, the producer keeps filling the ring with the next
 phase's tiles, so the stream does not stop (a grid barrier costs about 0.8 us behind 12 slots on an H100;
@@ -40,8 +40,13 @@ view of the same SMEM (a RefUnion) with plain vector stores. One sequence only: 
 swizzle's permutation of rows 1..7 and M steps a head.
 
 Rounding differs from the layer-by-layer path: the residual stays float32 (the model's is in the activations'
-dtype), the partial sums are added in float32 in any order (atomics: not bitwise deterministic), and the gated
-norm's 1 / rms scales out_proj's sums instead of its input.
+dtype), and the partial sums are added in float32 in any order (atomics: not bitwise deterministic).
+
+Status: correct against the jnp loop on the H100 (tests/test_mamba2_stack_gpu.py), but at the 2.7B shape it takes
+3.32 ms a token against 3.1 for the layer-by-layer kernels, so no model calls it yet. What is slow (H100, knobs
+switched off one at a time): building the x operands from GMEM after each barrier (8.5 us a layer) and the
+barriers (4.6 us), because phase C's units (12 tiles a block) barely outnumber the ring's slots, so the gaps
+before and after the step add up to more than the ring covers (benchmarks/RESULTS.md, "Decode, tenth session").
 """
 
 import functools
@@ -56,7 +61,7 @@ from xlazoo.ops.pallas import on_hopper
 from xlazoo.ops.pallas.hopper import tile
 
 TK, TN = 64, 128  # weight tiles (16 KiB of bf16)
-SLOTS = 10  # ring slots: 160 KiB, with the x tiles (26 KiB at the 2.7B shape) and the state (32 KiB)
+SLOTS = 11  # ring slots: 176 KiB, beside the x tiles (26 KiB at the 2.7B shape), which share SMEM with the state (32 KiB)
 XR = 8  # rows of an x tile: the wgmma's N in swap-AB; row 0 is the token
 P_ = 64  # head dim
 f32 = jnp.float32
@@ -78,7 +83,13 @@ def supported(h_MD, w_in_LDZ, w_out_LID, conv_LBWE, ssm_LBNPQ, groups: int) -> b
   return (on_hopper() and h_MD.shape == (1, D) and Bsz == 1 and groups == 1 and P == P_ and Q in (64, 128)
           and dtype in (jnp.bfloat16, jnp.float16) and w_out_LID.dtype == dtype and conv_LBWE.dtype == dtype
           and ssm_LBNPQ.dtype == f32 and w_out_LID.shape == (L, N * P, D) and D % TN == 0 and Z % TN == 0
-          and conv_LBWE.shape[0] == L and N <= _blocks() and Z // TN <= _blocks())
+          and conv_LBWE.shape[0] == L and N <= _blocks() and Z // TN <= _blocks()
+          and _x_tiles(D, Z, N * P, _blocks()) * XR * TK * 2 <= 32 * 1024)  # x's tiles in the state's SMEM
+
+
+def _x_tiles(D, Z, I, NB):
+  """The most units (x tiles) a block has in a phase."""
+  return max(-(-(D // TK) * (Z // TN) // NB), -(-(I // TK) * (D // TN) // NB))
 
 
 def _units(p, U, NB):
@@ -86,8 +97,8 @@ def _units(p, U, NB):
 
 
 def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_ref, alog_ref, d_ref, gnw_ref, wout_ref,
-            conv_ref, ssm_ref, ring, ready, free, xs, st_smem, bc_smem, st_bar, *, NB, S, eps, gn_eps, phases=3):
-  x_tiles, x_raw = xs
+            conv_ref, ssm_ref, ring, ready, free, xs, bc_smem, st_bar, *, NB, S, eps, gn_eps):
+  x_tiles, x_raw, st_smem = xs  # one SMEM region: the x operand's two views, and the step's state
   p, wg = lax.axis_index("p"), lax.axis_index("wg")
   L, D, Z = win_ref.shape
   I = wout_ref.shape[1]
@@ -146,8 +157,13 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
       return lax.rsqrt(jnp.sum(sum(v * v for v in vectors)) / n + eps)
 
     def operands(u0, u1, KT, XN, vector):  # x tile i (row 0) = vector(k) for unit u0 + i, k its K tile
-      for i in range(XN):  # unrolled and without branches, so that every load is in flight at once
-        x_raw[i, 0, :] = vector(lax.rem(jnp.minimum(u0 + i, u1 - 1), KT)).astype(dtype)
+      # Unrolled and without branches, every load issued before the first store: all of them in flight at once.
+      values = [vector(lax.rem(jnp.minimum(u0 + i, u1 - 1), KT)) for i in range(XN)]
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the state's store (it shares the SMEM) has read it
+      x_raw[...] = jnp.zeros(x_raw.shape, dtype)  # rows 1..7 zero
+      plgpu.commit_smem()
+      for i, v in enumerate(values):
+        x_raw[i, 0, :] = v.astype(dtype)
       plgpu.commit_smem()
 
     def matmul(t, KT, U, out, s=None):  # the block's units of one phase; partials added into out [., 8]
@@ -176,7 +192,6 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
 
       return lax.fori_loop(0, lax.div(u1 - 1, KT) - j0 + 1, segment, t)
 
-    x_raw[...] = jnp.zeros(x_raw.shape, dtype)  # rows 1..7 of every x tile stay zero
     silu = lambda v: v / (1.0 + jnp.exp(-v))  # noqa: E731
     bc_chunks = [(I + i * Q + j, i, j) for i in (0, 1) for j in range(0, Q, P)]
     XA, XC = -(-UA // NB), -(-UC // NB)
@@ -189,14 +204,10 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
       operands(u0, u1, KA, XA,
                lambda k: column(h_ref.at[pl.ds(k * TK, TK)]) * r * load(nw_ref.at[l, pl.ds(k * TK, TK)]))
       t = matmul(t, KA, UA, zx_ref, s)
-      if phases == 1:
-        grid_barrier(3 * l + 1); grid_barrier(3 * l + 2); grid_barrier(3 * l + 3)
-        return t
 
       # B, what does not depend on zx: the head's state (TMA), the conv's old window, taps, bias, the scalars.
       head = p < N
       n = jnp.minimum(p, N - 1)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last layer's state store has left st_smem
       pl.when(head)(lambda: plgpu.copy_gmem_to_smem(ssm_ref.at[l, 0, n], st_smem, st_bar.at[0]))
       chunks = [(n * P, None, 0)] + bc_chunks
       old = [([load(conv_ref.at[l, 0, w, pl.ds(c, P)]) for w in range(W - 1)],
@@ -277,27 +288,26 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
 
 
 def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, D_LN, gate_norm_w_LI, w_out_LID,
-         conv_LBWE, ssm_LBNPQ, *, eps: float, gate_norm_eps: float, debug=None):
+         conv_LBWE, ssm_LBNPQ, *, eps: float, gate_norm_eps: float):
   """(h [D] float32 after the L layers, the conv stack, the SSM stack), both stacks stepped; see the module
-  docstring. h_D: the residual entering layer 0 (any float dtype)."""
+  docstring and `supported`. h_D: the residual entering layer 0 (any float dtype); the conv bias is required (zeros
+  where a model has none)."""
   L, D, Z = w_in_LDZ.shape
   N, P, Q = ssm_LBNPQ.shape[2:]
   NB = _blocks()
   dtype = w_in_LDZ.dtype
-  UA = (D // TK) * (Z // TN)
-  UC = (N * P // TK) * (D // TN)
-  XS = max(-(-UA // NB), -(-UC // NB))  # x tiles: the most units a block has in a phase
+  XS = _x_tiles(D, Z, N * P, NB)
   h_ref = jax.new_ref(jnp.zeros((D, XR), f32).at[:, 0].set(h_D.astype(f32)), memory_space=plgpu.GMEM)
   zx_ref = jax.new_ref(jnp.zeros((2, Z, XR), f32), memory_space=plgpu.GMEM)
   g_ref = jax.new_ref(jnp.zeros((N * P,), dtype), memory_space=plgpu.GMEM)
   ss_ref = jax.new_ref(jnp.zeros((-(-N // P) * P,), f32), memory_space=plgpu.GMEM)  # per head; padded with zeros
   conv_ref = jax.new_ref(conv_LBWE, memory_space=plgpu.GMEM)
   ssm_ref = jax.new_ref(ssm_LBNPQ, memory_space=plgpu.GMEM)
-  body = functools.partial(_kernel, NB=NB, S=SLOTS, eps=float(eps), gn_eps=float(gate_norm_eps), **(debug or {}))
+  body = functools.partial(_kernel, NB=NB, S=SLOTS, eps=float(eps), gn_eps=float(gate_norm_eps))
   scratch = [
       tile((SLOTS, TK, TN), dtype), plgpu.Barrier(num_barriers=SLOTS), plgpu.Barrier(num_barriers=SLOTS),
-      plgpu.RefUnion(tile((XS, XR, TK), dtype), plgpu.SMEM((XS, XR, TK), dtype)),
-      tile((P, Q), f32), plgpu.SMEM((2, Q), f32), plgpu.Barrier(num_barriers=1),
+      plgpu.RefUnion(tile((XS, XR, TK), dtype), plgpu.SMEM((XS, XR, TK), dtype), tile((P, Q), f32)),
+      plgpu.SMEM((2, Q), f32), plgpu.Barrier(num_barriers=1),
   ]
 
   def kernel(*refs):
@@ -308,6 +318,4 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
             compiler_params=plgpu.CompilerParams(approx_math=True))(
       h_ref, zx_ref, g_ref, ss_ref, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, D_LN, gate_norm_w_LI,
       w_out_LID, conv_ref, ssm_ref)
-  if debug is not None:
-    return h_ref[...], conv_ref[...], ssm_ref[...], zx_ref[...], g_ref[...]
   return h_ref[...][:, 0], conv_ref[...], ssm_ref[...]
