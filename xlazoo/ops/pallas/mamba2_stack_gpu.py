@@ -84,12 +84,12 @@ def supported(h_MD, w_in_LDZ, w_out_LID, conv_LBWE, ssm_LBNPQ, groups: int) -> b
           and dtype in (jnp.bfloat16, jnp.float16) and w_out_LID.dtype == dtype and conv_LBWE.dtype == dtype
           and ssm_LBNPQ.dtype == f32 and w_out_LID.shape == (L, N * P, D) and D % TN == 0 and Z % TN == 0
           and conv_LBWE.shape[0] == L and N <= _blocks() and Z // TN <= _blocks()
-          and _x_tiles(D, Z, N * P, _blocks()) * XR * TK * 2 <= 32 * 1024)  # x's tiles in the state's SMEM
+          and max(_x_tiles(D, Z, N * P, _blocks())) * XR * TK * 2 <= 32 * 1024)  # x's tiles in the state's SMEM
 
 
 def _x_tiles(D, Z, I, NB):
-  """The most units (x tiles) a block has in a phase."""
-  return max(-(-(D // TK) * (Z // TN) // NB), -(-(I // TK) * (D // TN) // NB))
+  """The most units (x tiles) a block has in phase A (in_proj) and in phase C (out_proj)."""
+  return -(-(D // TK) * (Z // TN) // NB), -(-(I // TK) * (D // TN) // NB)
 
 
 def _units(p, U, NB):
@@ -194,7 +194,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
 
     silu = lambda v: v / (1.0 + jnp.exp(-v))  # noqa: E731
     bc_chunks = [(I + i * Q + j, i, j) for i in (0, 1) for j in range(0, Q, P)]
-    XA, XC = -(-UA // NB), -(-UC // NB)
+    XA, XC = _x_tiles(D, Z, I, NB)
 
     def layer(l, t):
       s = lax.rem(l, 2)  # zx's buffer
@@ -296,7 +296,7 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
   N, P, Q = ssm_LBNPQ.shape[2:]
   NB = _blocks()
   dtype = w_in_LDZ.dtype
-  XS = _x_tiles(D, Z, N * P, NB)
+  XS = max(_x_tiles(D, Z, N * P, NB))
   h_ref = jax.new_ref(jnp.zeros((D, XR), f32).at[:, 0].set(h_D.astype(f32)), memory_space=plgpu.GMEM)
   zx_ref = jax.new_ref(jnp.zeros((2, Z, XR), f32), memory_space=plgpu.GMEM)
   g_ref = jax.new_ref(jnp.zeros((N * P,), dtype), memory_space=plgpu.GMEM)
