@@ -61,6 +61,8 @@ from xlazoo.ops.pallas import on_hopper
 from xlazoo.ops.pallas.hopper import tile
 
 TK, TN = 64, 128  # weight tiles (16 KiB of bf16)
+PROFILE = ""
+PREFETCH = 0  # L2 prefetch distance in tiles (0: none)
 SLOTS = 11  # ring slots: 176 KiB, beside the x tiles (26 KiB at the 2.7B shape), which share SMEM with the state (32 KiB)
 XR = 8  # rows of an x tile: the wgmma's N in swap-AB; row 0 is the token
 P_ = 64  # head dim
@@ -97,7 +99,7 @@ def _units(p, U, NB):
 
 
 def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_ref, alog_ref, d_ref, gnw_ref, wout_ref,
-            conv_ref, ssm_ref, ring, ready, free, xs, bc_smem, st_bar, *, NB, S, eps, gn_eps):
+            conv_ref, ssm_ref, ring, ready, free, xs, bc_smem, sums, st_bar, *, NB, S, eps, gn_eps):
   x_tiles, x_raw, st_smem = xs  # one SMEM region: the x operand's two views, and the step's state
   p, wg = lax.axis_index("p"), lax.axis_index("wg")
   L, D, Z = win_ref.shape
@@ -112,25 +114,28 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
   @pl.when(wg == 1)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
+    # The block's tiles in stream order, t = l (nA + nC) + i: its units of phase A, then of phase C, layer by layer.
+    (a0, a1), (c0, c1) = _units(p, UA, NB), _units(p, UC, NB)
+    nA, per = a1 - a0, a1 - a0 + c1 - c0
+    total = L * per
 
-    def layer(l, t):
-      for w_ref, KT, U in phases:
-        u0, u1 = _units(p, U, NB)
+    def at(t, op):  # op(the weight tile t of the block's stream)
+      l = lax.div(t, per)
+      i = t - l * per
+      for (w_ref, KT, _), u, cond in ((phases[0], a0 + i, i < nA), (phases[1], c0 + i - nA, i >= nA)):
+        j = lax.div(u, KT)
+        pl.when(cond)(lambda w_ref=w_ref, j=j, u=u, KT=KT:
+                      op(w_ref.at[l, pl.ds((u - j * KT) * TK, TK), pl.ds(j * TN, TN)]))
 
-        def fetch(u, t, w_ref=w_ref, KT=KT):
-          s = lax.rem(t, S)
-          pl.when(t >= S)(lambda: plgpu.barrier_wait(free.at[s]))
-          j = lax.div(u, KT)
-          plgpu.copy_gmem_to_smem(w_ref.at[l, pl.ds((u - j * KT) * TK, TK), pl.ds(j * TN, TN)], ring.at[s],
-                                  ready.at[s])
-          return t + 1
+    @pl.loop(0, total)
+    def _(t):
+      if PREFETCH:
+        pl.when(t + PREFETCH < total)(lambda: at(t + PREFETCH, plgpu.async_prefetch))
+      s = lax.rem(t, S)
+      pl.when(t >= S)(lambda: plgpu.barrier_wait(free.at[s]))
+      at(t, lambda src: plgpu.copy_gmem_to_smem(src, ring.at[s], ready.at[s]))
 
-        t = lax.fori_loop(u0, u1, fetch, t)
-      return t
-
-    t = lax.fori_loop(0, L, layer, jnp.int32(0))
-
-    @pl.loop(jnp.maximum(t - S, 0), t)
+    @pl.loop(jnp.maximum(total - S, 0), total)
     def _(i):
       plgpu.barrier_wait(free.at[lax.rem(i, S)])
 
@@ -139,9 +144,14 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
     count = pl.get_global(plgpu.SemaphoreType.REGULAR)
     done = pl.get_global(plgpu.SemaphoreType.REGULAR)
 
-    def grid_barrier(k):  # the k-th of this call (from 1): every block has signalled k times
+    # Grid barrier k (from 1 in a call): signal(k) once the block's writes for it are done, wait(k) until every
+    # block has signalled k. Loads that do not depend on the other blocks go between the two.
+    def signal(k):
+      del k
       plgpu.commit_smem()  # a warpgroup barrier first: one thread's release then covers the others' writes
       plgpu.semaphore_signal(count, 1, memory_scope="gpu")
+
+    def wait(k):
       plgpu.semaphore_wait(count, NB * k, decrement=False, memory_scope="gpu")
 
     rows = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector along a [64, X] tile's rows (two values a thread)
@@ -150,15 +160,14 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
     def load(ref, layout=rows, smem=False):  # as float32
       return plgpu.load(ref, (), layout=layout, optimized=smem).astype(f32)
 
-    def column(ref):  # column 0 of a [64, 8] float32 block of GMEM (h, zx: columns 1..7 hold zeros), in rows
-      return load(ref, plgpu.Layout.WGMMA).sum(axis=1)
-
-    def rstd(vectors, n, eps):  # 1 / rms of n values, given as [64] chunks (all loads issued before the sums)
+    def rstd(vectors, n, eps):  # 1 / rms of n values, given as [64] chunks
       return lax.rsqrt(jnp.sum(sum(v * v for v in vectors)) / n + eps)
 
-    def operands(u0, u1, KT, XN, vector):  # x tile i (row 0) = vector(k) for unit u0 + i, k its K tile
-      # Unrolled and without branches, every load issued before the first store: all of them in flight at once.
-      values = [vector(lax.rem(jnp.minimum(u0 + i, u1 - 1), KT)) for i in range(XN)]
+    def k_tiles(U, KT, XN):  # the K tile of each of the block's units in a phase (the last repeated)
+      u0, u1 = _units(p, U, NB)
+      return [lax.rem(jnp.minimum(u0 + i, u1 - 1), KT) for i in range(XN)]
+
+    def operands(values):  # x tile i (row 0) = values[i]: loaded before the first store, so all are in flight
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the state's store (it shares the SMEM) has read it
       x_raw[...] = jnp.zeros(x_raw.shape, dtype)  # rows 1..7 zero
       plgpu.commit_smem()
@@ -166,7 +175,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
         x_raw[i, 0, :] = v.astype(dtype)
       plgpu.commit_smem()
 
-    def matmul(t, KT, U, out, s=None):  # the block's units of one phase; partials added into out [., 8]
+    def matmul(t, KT, U, out, scale):  # the block's units of one phase; scale times its partials added into out
       u0, u1 = _units(p, U, NB)
       j0 = lax.div(u0, KT)
 
@@ -187,10 +196,16 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
           return acc_ref[...], t_end
 
         acc, t = pl.run_scoped(accumulate, plgpu.ACC((TN, XR), f32))
-        plgpu.atomic_add(out.at[pl.ds(j * TN, TN)] if s is None else out.at[s, pl.ds(j * TN, TN)], acc)
+        b = lax.rem(q, 2)
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the sum that used this buffer two segments ago
+        sums[b] = acc.sum(axis=1) * scale  # x's rows 1..7 are zero: the sum is column 0
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(sums.at[b], out.at[pl.ds(j * TN, TN)], reduction_op="add")
         return t
 
-      return lax.fori_loop(0, lax.div(u1 - 1, KT) - j0 + 1, segment, t)
+      t = lax.fori_loop(0, lax.div(u1 - 1, KT) - j0 + 1, segment, t)
+      plgpu.wait_smem_to_gmem(0)  # the sums are in GMEM before the barrier's signal
+      return t
 
     silu = lambda v: v / (1.0 + jnp.exp(-v))  # noqa: E731
     bc_chunks = [(I + i * Q + j, i, j) for i in (0, 1) for j in range(0, Q, P)]
@@ -198,87 +213,103 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
 
     def layer(l, t):
       s = lax.rem(l, 2)  # zx's buffer
-      # A. in_proj on rms_norm(h)
-      r = rstd([column(h_ref.at[pl.ds(c * P, P)]) for c in range(D // P)], D, eps)
-      u0, u1 = _units(p, UA, NB)
-      operands(u0, u1, KA, XA,
-               lambda k: column(h_ref.at[pl.ds(k * TK, TK)]) * r * load(nw_ref.at[l, pl.ds(k * TK, TK)]))
-      t = matmul(t, KA, UA, zx_ref, s)
+      with jax.named_scope("a_ops"):
+        # A. in_proj on rms_norm(h) = r h nw: x = h nw, and r scales the partial sums.
+        ks = k_tiles(UA, KA, XA)
+        nws = [load(nw_ref.at[l, pl.ds(k * TK, TK)]) for k in ks]
+      with jax.named_scope("bar3"):
+        wait(3 * l)  # the last layer's residual is complete
+      with jax.named_scope("a_ops2"):
+        hs = [load(h_ref.at[pl.ds(c * P, P)]) for c in range(D // P)]
+        operands([load(h_ref.at[pl.ds(k * TK, TK)]) * w for k, w in zip(ks, nws)])
+      with jax.named_scope("a_mm"):
+        t = matmul(t, KA, UA, zx_ref.at[s], rstd(hs, D, eps))
+        signal(3 * l + 1)
 
-      # B, what does not depend on zx: the head's state (TMA), the conv's old window, taps, bias, the scalars.
-      head = p < N
-      n = jnp.minimum(p, N - 1)
-      pl.when(head)(lambda: plgpu.copy_gmem_to_smem(ssm_ref.at[l, 0, n], st_smem, st_bar.at[0]))
-      chunks = [(n * P, None, 0)] + bc_chunks
-      old = [([load(conv_ref.at[l, 0, w, pl.ds(c, P)]) for w in range(W - 1)],
-              [load(cw_ref.at[l, w, pl.ds(c, P)]) for w in range(W)], load(cb_ref.at[l, pl.ds(c, P)]))
-             for c, _, _ in chunks]
-      dtb, alog, Dn = dtb_ref[l, n].astype(f32), alog_ref[l, n].astype(f32), d_ref[l, n].astype(f32)
-      grid_barrier(3 * l + 1)
+      with jax.named_scope("b_pre"):
+        # B, what does not depend on zx (read while the other blocks finish A): the head's state (TMA), the
+        # conv's old window, taps, bias, the scalars; zx's other buffer zeroed for the next layer.
+        @pl.when(p < Z // TN)
+        def _():
+          zx_ref[1 - s, pl.ds(p * TN, TN)] = plgpu.layout_cast(jnp.zeros((TN,), f32),
+                                                               plgpu.Layout.WG_STRIDED((TN,), vec_size=1))
 
-      # B. the mixer step (blocks < N), and zx's other buffer zeroed for the next layer
-      @pl.when(p < Z // TN)
-      def _():
-        zx_ref[1 - s, pl.ds(p * TN, TN), :] = plgpu.layout_cast(
-            jnp.zeros((TN, XR), f32), plgpu.Layout.WG_STRIDED((TN, XR), vec_size=XR))
+        head = p < N
+        n = jnp.minimum(p, N - 1)
+        pl.when(head)(lambda: plgpu.copy_gmem_to_smem(ssm_ref.at[l, 0, n], st_smem, st_bar.at[0]))
+        chunks = [(n * P, None, 0)] + bc_chunks
+        old = [([load(conv_ref.at[l, 0, w, pl.ds(c, P)]) for w in range(W - 1)],
+                [load(cw_ref.at[l, w, pl.ds(c, P)]) for w in range(W)], load(cb_ref.at[l, pl.ds(c, P)]))
+               for c, _, _ in chunks]
+        dtb, alog, Dn = dtb_ref[l, n].astype(f32), alog_ref[l, n].astype(f32), d_ref[l, n].astype(f32)
+      with jax.named_scope("bar1"):
+        wait(3 * l + 1)
 
-      new_zx = lambda c: column(zx_ref.at[s, pl.ds(c, P)]).astype(dtype).astype(f32)  # noqa: E731 (rounded, as
-      # the layer-by-layer path has in_proj's output)
+      # (rounded, as the layer-by-layer path has in_proj's output)
+      new_zx = lambda c: load(zx_ref.at[s, pl.ds(c, P)]).astype(dtype).astype(f32)  # noqa: E731
 
-      @pl.when(head)
-      def _():
-        z = new_zx(n * P)
-        inputs = [new_zx(I + c) for c, _, _ in chunks]
-        dt = zx_ref[s, I + E + n, 0].astype(dtype).astype(f32) + dtb
-        dt = jnp.maximum(dt, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(dt)))  # softplus
-        decay = jnp.exp(-dt * jnp.exp(alog))
-        x = None
-        for (c, i, j), (window, taps, bias), new in zip(chunks, old, inputs):
-          window = window + [new]
-          v = silu(sum(tp * w for tp, w in zip(taps, window)) + bias).astype(dtype).astype(f32)
-          if i is None:
-            x = v
+      with jax.named_scope("b_step"):
+        # B. the mixer step (blocks < N)
+        @pl.when(head)
+        def _():
+          z = new_zx(n * P)
+          inputs = [new_zx(I + c) for c, _, _ in chunks]
+          dt = zx_ref[s, I + E + n].astype(dtype).astype(f32) + dtb
+          dt = jnp.maximum(dt, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(dt)))  # softplus
+          decay = jnp.exp(-dt * jnp.exp(alog))
+          x = None
+          for (c, i, j), (window, taps, bias), new in zip(chunks, old, inputs):
+            window = window + [new]
+            v = silu(sum(tp * w for tp, w in zip(taps, window)) + bias).astype(dtype).astype(f32)
+            if i is None:
+              x = v
+              for w in range(W - 1):
+                conv_ref[l, 0, w, pl.ds(c, P)] = window[w + 1].astype(conv_ref.dtype)
+            else:
+              bc_smem[i, pl.ds(j, P)] = v
+          plgpu.commit_smem()
+          B, C = load(bc_smem.at[0], cols, smem=True), load(bc_smem.at[1], cols, smem=True)
+          plgpu.barrier_wait(st_bar.at[0])
+          st = load(st_smem, plgpu.Layout.WGMMA, smem=True)
+          bcast = lambda v, dim: lax.broadcast_in_dim(v, (P, Q), [dim])  # noqa: E731
+          st = st * decay + bcast(x * dt, 0) * bcast(B, 1)
+          st_smem[...] = st
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(st_smem, ssm_ref.at[l, 0, n])
+          y = (st * bcast(C, 1)).sum(axis=1) + Dn * x
+          g = (y.astype(dtype).astype(f32) * silu(z)).astype(dtype)
+          g_ref[pl.ds(n * P, P)] = g
+          g = g.astype(f32)
+          ss_ref[n] = jnp.sum(g * g)  # the gated norm's sum of squares, this head's share
+
+        signal(3 * l + 2)
+        # The B and C window's new state, kept for after the barrier (every head reads the old one until then).
+        bc_window = [window[1:] for window, _, _ in old[1:]]
+        kc = k_tiles(UC, KC, XC)
+        gnws = [load(gnw_ref.at[l, pl.ds(k * TK, TK)]) for k in kc]
+      with jax.named_scope("bar2"):
+        wait(3 * l + 2)
+
+      with jax.named_scope("c_ops"):
+        # C. out_proj on rms_norm(g) = r g gnw: x = g gnw, and r scales the partial sums.
+        @pl.when(p == 0)
+        def _():
+          for (c, _, _), window in zip(bc_chunks, bc_window):
+            news = window + [new_zx(I + c)]
             for w in range(W - 1):
-              conv_ref[l, 0, w, pl.ds(c, P)] = window[w + 1].astype(conv_ref.dtype)
-          else:
-            bc_smem[i, pl.ds(j, P)] = v
-        plgpu.commit_smem()
-        B, C = load(bc_smem.at[0], cols, smem=True), load(bc_smem.at[1], cols, smem=True)
-        plgpu.barrier_wait(st_bar.at[0])
-        st = load(st_smem, plgpu.Layout.WGMMA, smem=True)
-        bcast = lambda v, dim: lax.broadcast_in_dim(v, (P, Q), [dim])  # noqa: E731
-        st = st * decay + bcast(x * dt, 0) * bcast(B, 1)
-        st_smem[...] = st
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(st_smem, ssm_ref.at[l, 0, n])
-        y = (st * bcast(C, 1)).sum(axis=1) + Dn * x
-        g = (y.astype(dtype).astype(f32) * silu(z)).astype(dtype)
-        g_ref[pl.ds(n * P, P)] = g
-        g = g.astype(f32)
-        ss_ref[n] = jnp.sum(g * g)  # the gated norm's sum of squares, this head's share
+              conv_ref[l, 0, w, pl.ds(c, P)] = news[w].astype(conv_ref.dtype)
 
-      # The B and C window's new state, kept for after the barrier (every head reads the old one until then).
-      bc_window = [window[1:] for window, _, _ in old[1:]]
-      grid_barrier(3 * l + 2)
-
-      # C. out_proj on rms_norm(g)
-      @pl.when(p == 0)
-      def _():
-        for (c, _, _), window in zip(bc_chunks, bc_window):
-          news = window + [new_zx(I + c)]
-          for w in range(W - 1):
-            conv_ref[l, 0, w, pl.ds(c, P)] = news[w].astype(conv_ref.dtype)
-
-      r = lax.rsqrt(jnp.sum(sum(load(ss_ref.at[pl.ds(c, P)]) for c in range(0, ss_ref.shape[0], P))) / I + gn_eps)
-      u0, u1 = _units(p, UC, NB)
-      operands(u0, u1, KC, XC, lambda k: load(g_ref.at[pl.ds(k * TK, TK)]) * r * load(gnw_ref.at[l, pl.ds(k * TK, TK)]))
-      t = matmul(t, KC, UC, h_ref)
-      grid_barrier(3 * l + 3)
+        sq = [load(ss_ref.at[pl.ds(c, P)]) for c in range(0, ss_ref.shape[0], P)]
+        operands([load(g_ref.at[pl.ds(k * TK, TK)]) * w for k, w in zip(kc, gnws)])
+        r = lax.rsqrt(jnp.sum(sum(sq)) / I + gn_eps)
+      with jax.named_scope("c_mm"):
+        t = matmul(t, KC, UC, h_ref, r)
+        signal(3 * l + 3)
       return t
 
     lax.fori_loop(0, L, layer, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
-    # Every block is past the last barrier: the count back to 0 for the next call.
+    # Every block is past its last wait: the count back to 0 for the next call.
     plgpu.semaphore_signal(done, 1, memory_scope="gpu")
 
     @pl.when(p == 0)
@@ -297,8 +328,8 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
   NB = _blocks()
   dtype = w_in_LDZ.dtype
   XS = max(_x_tiles(D, Z, N * P, NB))
-  h_ref = jax.new_ref(jnp.zeros((D, XR), f32).at[:, 0].set(h_D.astype(f32)), memory_space=plgpu.GMEM)
-  zx_ref = jax.new_ref(jnp.zeros((2, Z, XR), f32), memory_space=plgpu.GMEM)
+  h_ref = jax.new_ref(h_D.astype(f32), memory_space=plgpu.GMEM)
+  zx_ref = jax.new_ref(jnp.zeros((2, Z), f32), memory_space=plgpu.GMEM)
   g_ref = jax.new_ref(jnp.zeros((N * P,), dtype), memory_space=plgpu.GMEM)
   ss_ref = jax.new_ref(jnp.zeros((-(-N // P) * P,), f32), memory_space=plgpu.GMEM)  # per head; padded with zeros
   conv_ref = jax.new_ref(conv_LBWE, memory_space=plgpu.GMEM)
@@ -307,7 +338,7 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
   scratch = [
       tile((SLOTS, TK, TN), dtype), plgpu.Barrier(num_barriers=SLOTS), plgpu.Barrier(num_barriers=SLOTS),
       plgpu.RefUnion(tile((XS, XR, TK), dtype), plgpu.SMEM((XS, XR, TK), dtype), tile((P, Q), f32)),
-      plgpu.SMEM((2, Q), f32), plgpu.Barrier(num_barriers=1),
+      plgpu.SMEM((2, Q), f32), plgpu.SMEM((2, TN), f32), plgpu.Barrier(num_barriers=1),
   ]
 
   def kernel(*refs):
@@ -315,7 +346,8 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
 
   pl.kernel(kernel, out_type=(), mesh=plgpu.Mesh(grid=(NB,), grid_names=("p",), num_threads=2, thread_name="wg",
                                                  kernel_name="mamba2_stack"),
-            compiler_params=plgpu.CompilerParams(approx_math=True))(
+            compiler_params=plgpu.CompilerParams(approx_math=True, **(
+                dict(profile_space=12 * L, profile_dir=PROFILE) if PROFILE else {})))(
       h_ref, zx_ref, g_ref, ss_ref, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, D_LN, gate_norm_w_LI,
       w_out_LID, conv_ref, ssm_ref)
-  return h_ref[...][:, 0], conv_ref[...], ssm_ref[...]
+  return h_ref[...], conv_ref[...], ssm_ref[...]
