@@ -62,8 +62,9 @@ from xlazoo.ops.pallas.hopper import tile
 
 TK, TN = 64, 128  # weight tiles (16 KiB of bf16)
 PROFILE = ""
+ORDER = "j"
 PREFETCH = 0  # L2 prefetch distance in tiles (0: none)
-SLOTS = 11  # ring slots: 176 KiB, beside the x tiles (26 KiB at the 2.7B shape), which share SMEM with the state (32 KiB)
+SLOTS = 13  # ring slots: 176 KiB, beside the x tiles (26 KiB at the 2.7B shape), which share SMEM with the state (32 KiB)
 XR = 8  # rows of an x tile: the wgmma's N in swap-AB; row 0 is the token
 P_ = 64  # head dim
 f32 = jnp.float32
@@ -89,9 +90,19 @@ def supported(h_MD, w_in_LDZ, w_out_LID, conv_LBWE, ssm_LBNPQ, groups: int) -> b
           and max(_x_tiles(D, Z, N * P, _blocks())) * XR * TK * 2 <= 32 * 1024)  # x's tiles in the state's SMEM
 
 
+def _kj(u, JT):
+  """Unit u's (K tile, column tile): a block's units walk a K tile's column tiles in a row."""
+  k = u // JT
+  return k, u - k * JT
+
+
 def _x_tiles(D, Z, I, NB):
-  """The most units (x tiles) a block has in phase A (in_proj) and in phase C (out_proj)."""
-  return -(-(D // TK) * (Z // TN) // NB), -(-(I // TK) * (D // TN) // NB)
+  """The most x tiles (K tiles) a block needs in phase A (in_proj) and in phase C (out_proj)."""
+  def most(KT, JT):
+    U = KT * JT
+    spans = [(p * U // NB, (p + 1) * U // NB) for p in range(NB)]
+    return max((u1 - 1) // JT - u0 // JT + 1 for u0, u1 in spans if u1 > u0)
+  return most(D // TK, Z // TN), most(I // TK, D // TN)
 
 
 def _units(p, U, NB):
@@ -99,8 +110,8 @@ def _units(p, U, NB):
 
 
 def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_ref, alog_ref, d_ref, gnw_ref, wout_ref,
-            conv_ref, ssm_ref, ring, ready, free, xs, bc_smem, sums, st_bar, *, NB, S, eps, gn_eps):
-  x_tiles, x_raw, st_smem = xs  # one SMEM region: the x operand's two views, and the step's state
+            conv_ref, ssm_ref, ring, ready, free, xs, bc_smem, sums, *, NB, S, eps, gn_eps):
+  x_tiles, x_raw = xs  # the x operand's two views of one SMEM region
   p, wg = lax.axis_index("p"), lax.axis_index("wg")
   L, D, Z = win_ref.shape
   I = wout_ref.shape[1]
@@ -108,8 +119,9 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
   W, E = cw_ref.shape[1:]
   dtype = win_ref.dtype
   KA, KC = D // TK, I // TK  # K tiles of in_proj and out_proj
-  UA, UC = KA * (Z // TN), KC * (D // TN)  # their units (weight tiles)
-  phases = ((win_ref, KA, UA), (wout_ref, KC, UC))
+  JA, JC = Z // TN, D // TN  # their column tiles
+  UA, UC = KA * JA, KC * JC  # their units (weight tiles)
+  phases = ((win_ref, KA, JA), (wout_ref, KC, JC))
 
   @pl.when(wg == 1)
   def _producer():
@@ -122,17 +134,17 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
     def at(t, op):  # op(the weight tile t of the block's stream)
       l = lax.div(t, per)
       i = t - l * per
-      for (w_ref, KT, _), u, cond in ((phases[0], a0 + i, i < nA), (phases[1], c0 + i - nA, i >= nA)):
-        j = lax.div(u, KT)
-        pl.when(cond)(lambda w_ref=w_ref, j=j, u=u, KT=KT:
-                      op(w_ref.at[l, pl.ds((u - j * KT) * TK, TK), pl.ds(j * TN, TN)]))
+      for (w_ref, KT, JT), u, cond in ((phases[0], a0 + i, i < nA), (phases[1], c0 + i - nA, i >= nA)):
+        k, j = _kj(u, JT)
+        pl.when(cond)(lambda w_ref=w_ref, k=k, j=j: op(w_ref.at[l, pl.ds(k * TK, TK), pl.ds(j * TN, TN)]))
 
     @pl.loop(0, total)
     def _(t):
       if PREFETCH:
         pl.when(t + PREFETCH < total)(lambda: at(t + PREFETCH, plgpu.async_prefetch))
       s = lax.rem(t, S)
-      pl.when(t >= S)(lambda: plgpu.barrier_wait(free.at[s]))
+      with jax.named_scope("p_wait"):
+        pl.when(t >= S)(lambda: plgpu.barrier_wait(free.at[s]))
       at(t, lambda src: plgpu.copy_gmem_to_smem(src, ring.at[s], ready.at[s]))
 
     @pl.loop(jnp.maximum(total - S, 0), total)
@@ -163,47 +175,41 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
     def rstd(vectors, n, eps):  # 1 / rms of n values, given as [64] chunks
       return lax.rsqrt(jnp.sum(sum(v * v for v in vectors)) / n + eps)
 
-    def k_tiles(U, KT, XN):  # the K tile of each of the block's units in a phase (the last repeated)
-      u0, u1 = _units(p, U, NB)
-      return [lax.rem(jnp.minimum(u0 + i, u1 - 1), KT) for i in range(XN)]
+    def k_tiles(KT, JT, XN):  # the K tile of each of the block's x tiles in a phase (the last repeated)
+      u0, u1 = _units(p, KT * JT, NB)
+      return [jnp.minimum(u0 // JT + i, (u1 - 1) // JT) for i in range(XN)]
 
     def operands(values):  # x tile i (row 0) = values[i]: loaded before the first store, so all are in flight
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the state's store (it shares the SMEM) has read it
       x_raw[...] = jnp.zeros(x_raw.shape, dtype)  # rows 1..7 zero
       plgpu.commit_smem()
       for i, v in enumerate(values):
         x_raw[i, 0, :] = v.astype(dtype)
       plgpu.commit_smem()
 
-    def matmul(t, KT, U, out, scale):  # the block's units of one phase; scale times its partials added into out
-      u0, u1 = _units(p, U, NB)
-      j0 = lax.div(u0, KT)
+    def matmul(t, KT, JT, out, scale):  # the block's units of one phase; scale times each partial, added into out
+      u0, u1 = _units(p, KT * JT, NB)
 
-      def segment(q, t):
-        j = j0 + q
-        lo, hi = jnp.maximum(u0, j * KT), jnp.minimum(u1, (j + 1) * KT)
+      def unit(u, t):
+        k, j = _kj(u, JT)
+        slot = lax.rem(t, S)
 
-        def accumulate(acc_ref):
-          def unit(u, t):
-            slot = lax.rem(t, S)
+        def product(acc_ref):
+          with jax.named_scope("w_ready"):
             plgpu.barrier_wait(ready.at[slot])
-            plgpu.wgmma(acc_ref, T(ring.at[slot]), T(x_tiles.at[u - u0]))
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(free.at[slot])
-            return t + 1
+          plgpu.wgmma(acc_ref, T(ring.at[slot]), T(x_tiles.at[k - u0 // JT]))
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(free.at[slot])
+          return acc_ref[...]
 
-          t_end = lax.fori_loop(lo, hi, unit, t)
-          return acc_ref[...], t_end
-
-        acc, t = pl.run_scoped(accumulate, plgpu.ACC((TN, XR), f32))
-        b = lax.rem(q, 2)
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the sum that used this buffer two segments ago
+        acc = pl.run_scoped(product, plgpu.ACC((TN, XR), f32))
+        b = lax.rem(u, 2)
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the sum that used this buffer two units ago was read
         sums[b] = acc.sum(axis=1) * scale  # x's rows 1..7 are zero: the sum is column 0
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(sums.at[b], out.at[pl.ds(j * TN, TN)], reduction_op="add")
-        return t
+        return t + 1
 
-      t = lax.fori_loop(0, lax.div(u1 - 1, KT) - j0 + 1, segment, t)
+      t = lax.fori_loop(u0, u1, unit, t)
       plgpu.wait_smem_to_gmem(0)  # the sums are in GMEM before the barrier's signal
       return t
 
@@ -215,7 +221,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
       s = lax.rem(l, 2)  # zx's buffer
       with jax.named_scope("a_ops"):
         # A. in_proj on rms_norm(h) = r h nw: x = h nw, and r scales the partial sums.
-        ks = k_tiles(UA, KA, XA)
+        ks = k_tiles(KA, JA, XA)
         nws = [load(nw_ref.at[l, pl.ds(k * TK, TK)]) for k in ks]
       with jax.named_scope("bar3"):
         wait(3 * l)  # the last layer's residual is complete
@@ -223,41 +229,39 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
         hs = [load(h_ref.at[pl.ds(c * P, P)]) for c in range(D // P)]
         operands([load(h_ref.at[pl.ds(k * TK, TK)]) * w for k, w in zip(ks, nws)])
       with jax.named_scope("a_mm"):
-        t = matmul(t, KA, UA, zx_ref.at[s], rstd(hs, D, eps))
+        t = matmul(t, KA, JA, zx_ref.at[s], rstd(hs, D, eps))
         signal(3 * l + 1)
 
-      with jax.named_scope("b_pre"):
-        # B, what does not depend on zx (read while the other blocks finish A): the head's state (TMA), the
-        # conv's old window, taps, bias, the scalars; zx's other buffer zeroed for the next layer.
-        @pl.when(p < Z // TN)
-        def _():
-          zx_ref[1 - s, pl.ds(p * TN, TN)] = plgpu.layout_cast(jnp.zeros((TN,), f32),
-                                                               plgpu.Layout.WG_STRIDED((TN,), vec_size=1))
-
-        head = p < N
-        n = jnp.minimum(p, N - 1)
-        pl.when(head)(lambda: plgpu.copy_gmem_to_smem(ssm_ref.at[l, 0, n], st_smem, st_bar.at[0]))
-        chunks = [(n * P, None, 0)] + bc_chunks
-        old = [([load(conv_ref.at[l, 0, w, pl.ds(c, P)]) for w in range(W - 1)],
-                [load(cw_ref.at[l, w, pl.ds(c, P)]) for w in range(W)], load(cb_ref.at[l, pl.ds(c, P)]))
-               for c, _, _ in chunks]
-        dtb, alog, Dn = dtb_ref[l, n].astype(f32), alog_ref[l, n].astype(f32), d_ref[l, n].astype(f32)
-      with jax.named_scope("bar1"):
-        wait(3 * l + 1)
+      # B. the mixer step, one head a block (blocks < N); zx's other buffer zeroed for the next layer.
+      @pl.when(p < Z // TN)
+      def _():
+        zx_ref[1 - s, pl.ds(p * TN, TN)] = plgpu.layout_cast(jnp.zeros((TN,), f32),
+                                                             plgpu.Layout.WG_STRIDED((TN,), vec_size=1))
 
       # (rounded, as the layer-by-layer path has in_proj's output)
       new_zx = lambda c: load(zx_ref.at[s, pl.ds(c, P)]).astype(dtype).astype(f32)  # noqa: E731
 
-      with jax.named_scope("b_step"):
-        # B. the mixer step (blocks < N)
-        @pl.when(head)
-        def _():
+      @pl.when(p < N)
+      def _():
+        n = p
+        chunks = [(n * P, None, 0)] + bc_chunks
+        with jax.named_scope("b_pre"):
+          # What does not depend on zx, read while the other blocks finish A: the head's state, the conv's old
+          # window, taps and bias, the scalars.
+          st = load(ssm_ref.at[l, 0, n], plgpu.Layout.WGMMA)
+          old = [([load(conv_ref.at[l, 0, w, pl.ds(c, P)]) for w in range(W - 1)],
+                  [load(cw_ref.at[l, w, pl.ds(c, P)]) for w in range(W)], load(cb_ref.at[l, pl.ds(c, P)]))
+                 for c, _, _ in chunks]
+          dtb, alog, Dn = dtb_ref[l, n].astype(f32), alog_ref[l, n].astype(f32), d_ref[l, n].astype(f32)
+        with jax.named_scope("bar1"):
+          wait(3 * l + 1)
+        with jax.named_scope("b_step"):
           z = new_zx(n * P)
           inputs = [new_zx(I + c) for c, _, _ in chunks]
           dt = zx_ref[s, I + E + n].astype(dtype).astype(f32) + dtb
           dt = jnp.maximum(dt, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(dt)))  # softplus
           decay = jnp.exp(-dt * jnp.exp(alog))
-          x = None
+          x, bc_windows = None, []
           for (c, i, j), (window, taps, bias), new in zip(chunks, old, inputs):
             window = window + [new]
             v = silu(sum(tp * w for tp, w in zip(taps, window)) + bias).astype(dtype).astype(f32)
@@ -267,43 +271,43 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
                 conv_ref[l, 0, w, pl.ds(c, P)] = window[w + 1].astype(conv_ref.dtype)
             else:
               bc_smem[i, pl.ds(j, P)] = v
+              bc_windows.append((c, window[1:]))
           plgpu.commit_smem()
           B, C = load(bc_smem.at[0], cols, smem=True), load(bc_smem.at[1], cols, smem=True)
-          plgpu.barrier_wait(st_bar.at[0])
-          st = load(st_smem, plgpu.Layout.WGMMA, smem=True)
           bcast = lambda v, dim: lax.broadcast_in_dim(v, (P, Q), [dim])  # noqa: E731
           st = st * decay + bcast(x * dt, 0) * bcast(B, 1)
-          st_smem[...] = st
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(st_smem, ssm_ref.at[l, 0, n])
+          ssm_ref[l, 0, n] = st
           y = (st * bcast(C, 1)).sum(axis=1) + Dn * x
           g = (y.astype(dtype).astype(f32) * silu(z)).astype(dtype)
           g_ref[pl.ds(n * P, P)] = g
           g = g.astype(f32)
           ss_ref[n] = jnp.sum(g * g)  # the gated norm's sum of squares, this head's share
+          signal(3 * l + 2)
 
+        @pl.when(p == 0)  # the B and C window's new state, once every head has read the old one
+        def _():
+          wait(3 * l + 2)
+          for c, window in bc_windows:
+            for w in range(W - 1):
+              conv_ref[l, 0, w, pl.ds(c, P)] = window[w].astype(conv_ref.dtype)
+
+      @pl.when(p >= N)
+      def _():
+        wait(3 * l + 1)
         signal(3 * l + 2)
-        # The B and C window's new state, kept for after the barrier (every head reads the old one until then).
-        bc_window = [window[1:] for window, _, _ in old[1:]]
-        kc = k_tiles(UC, KC, XC)
-        gnws = [load(gnw_ref.at[l, pl.ds(k * TK, TK)]) for k in kc]
+
+      kc = k_tiles(KC, JC, XC)
+      gnws = [load(gnw_ref.at[l, pl.ds(k * TK, TK)]) for k in kc]
       with jax.named_scope("bar2"):
         wait(3 * l + 2)
 
       with jax.named_scope("c_ops"):
         # C. out_proj on rms_norm(g) = r g gnw: x = g gnw, and r scales the partial sums.
-        @pl.when(p == 0)
-        def _():
-          for (c, _, _), window in zip(bc_chunks, bc_window):
-            news = window + [new_zx(I + c)]
-            for w in range(W - 1):
-              conv_ref[l, 0, w, pl.ds(c, P)] = news[w].astype(conv_ref.dtype)
-
         sq = [load(ss_ref.at[pl.ds(c, P)]) for c in range(0, ss_ref.shape[0], P)]
         operands([load(g_ref.at[pl.ds(k * TK, TK)]) * w for k, w in zip(kc, gnws)])
         r = lax.rsqrt(jnp.sum(sum(sq)) / I + gn_eps)
       with jax.named_scope("c_mm"):
-        t = matmul(t, KC, UC, h_ref, r)
+        t = matmul(t, KC, JC, h_ref, r)
         signal(3 * l + 3)
       return t
 
@@ -337,8 +341,8 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
   body = functools.partial(_kernel, NB=NB, S=SLOTS, eps=float(eps), gn_eps=float(gate_norm_eps))
   scratch = [
       tile((SLOTS, TK, TN), dtype), plgpu.Barrier(num_barriers=SLOTS), plgpu.Barrier(num_barriers=SLOTS),
-      plgpu.RefUnion(tile((XS, XR, TK), dtype), plgpu.SMEM((XS, XR, TK), dtype), tile((P, Q), f32)),
-      plgpu.SMEM((2, Q), f32), plgpu.SMEM((2, TN), f32), plgpu.Barrier(num_barriers=1),
+      plgpu.RefUnion(tile((XS, XR, TK), dtype), plgpu.SMEM((XS, XR, TK), dtype)),
+      plgpu.SMEM((2, Q), f32), plgpu.SMEM((2, TN), f32),
   ]
 
   def kernel(*refs):
@@ -347,7 +351,7 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
   pl.kernel(kernel, out_type=(), mesh=plgpu.Mesh(grid=(NB,), grid_names=("p",), num_threads=2, thread_name="wg",
                                                  kernel_name="mamba2_stack"),
             compiler_params=plgpu.CompilerParams(approx_math=True, **(
-                dict(profile_space=12 * L, profile_dir=PROFILE) if PROFILE else {})))(
+                dict(profile_space=200 * L, profile_dir=PROFILE) if PROFILE else {})))(
       h_ref, zx_ref, g_ref, ss_ref, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, D_LN, gate_norm_w_LI,
       w_out_LID, conv_ref, ssm_ref)
   return h_ref[...], conv_ref[...], ssm_ref[...]
