@@ -11,9 +11,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tests.parity import rel_err
+from xlazoo import bench
 from xlazoo.ops import ssd as ssd_ops
 from xlazoo.ops.mlp import LayerWeight
 from xlazoo.ops.norms import rms_norm
@@ -86,8 +88,76 @@ def test_matches_reference_on_gpu(L, D, N, Q, W, dtype):
 
 def test_lowers_for_the_gpu():
   """On any backend: the kernel traces and lowers to Mosaic GPU (register layouts, the union of the x tiles'
-  views, the atomics), at a small shape."""
+  views, the TMA reduce-adds), at a small shape."""
   h, w, conv, ssm = jax.eval_shape(lambda: _inputs(2, 256, 4, 64, 4, jnp.bfloat16, seed=0))
   step = jax.jit(functools.partial(_step, eps=1e-5, gate_norm_eps=1e-5))
   text = step.trace(h, w, conv, ssm).lower(lowering_platforms=("cuda",)).as_text()
   assert "mamba2_stack" in text
+
+
+MAMBA2 = dict(model_type="mamba2", vocab_size=97, hidden_size=128, num_hidden_layers=3, state_size=64, head_dim=64,
+              num_heads=4, n_groups=1, expand=2, conv_kernel=4, chunk_size=32, use_conv_bias=True,
+              tie_word_embeddings=True)
+
+
+def _decode_logits(hf, batch=1, steps=3):
+  """Logits of a cached prefill's last position and of each decode step after it, on a bfloat16 random model
+  (weights perturbed as in test_kernels_in_models, so that the scan's part shows in the logits): [S + 1, B, V]."""
+  model = bench.random_model(hf)
+  rng = np.random.default_rng(0)
+  model = model.replace(params=jax.tree.map(lambda a: (a + rng.normal(0, 0.1, a.shape)).astype(a.dtype), model.params))
+  c, fam = model.config, model.family
+  forward = jax.jit(lambda p, t, cache: fam.forward(c, p, t, cache=cache))
+  tokens = jnp.asarray(rng.integers(0, hf["vocab_size"], (batch, 20 + steps)), jnp.int32)
+  logits, cache = forward(model.params, tokens[:, :20], fam.init_cache(c, batch, 64, jnp.bfloat16))
+  out = [logits[:, -1]]
+  for s in range(steps):
+    logits, cache = forward(model.params, tokens[:, 20 + s : 21 + s], cache)
+    out.append(logits[:, 0])
+  return np.asarray(jnp.stack(out), np.float32)
+
+
+def _emulated(h, norm_w, w_in, conv_w, conv_b, dt_bias, A_log, D, gate_norm_w, w_out, conv, ssm, *, eps, gate_norm_eps):
+  """`mamba2_stack_gpu.step` in jnp (the loop the GPU tests hold the kernel to)."""
+  w = dict(norm_w=norm_w, w_in=w_in, conv_w=conv_w, conv_b=conv_b, dt_bias=dt_bias, A_log=A_log, D=D,
+           gate_norm_w=gate_norm_w, w_out=w_out)
+  return _reference(h, w, conv, ssm, eps, gate_norm_eps)
+
+
+@pytest.mark.parametrize("hf,batch,used", [
+    pytest.param(MAMBA2, 1, True, id="mamba2"),
+    pytest.param(dict(MAMBA2, use_conv_bias=False, layer_norm_epsilon=1e-3, state_size=128), 1, True,
+                 id="no-conv-bias-q128"),
+    pytest.param(MAMBA2, 2, False, id="batch-2"),
+    pytest.param(dict(MAMBA2, n_groups=2), 1, False, id="groups-2"),
+    pytest.param(dict(MAMBA2, use_bias=True), 1, False, id="biases"),
+])
+def test_model_decode_dispatch(monkeypatch, hf, batch, used):
+  """hybrid.forward's decode step hands a Mamba-2 stack for one sequence to the kernel (here its jnp emulation,
+  with `supported` as on a Hopper GPU) and takes the layer-by-layer path otherwise: the logits match that path's
+  either way, and the kernel is called exactly where it applies."""
+  ref = _decode_logits(hf, batch)
+  calls = []
+  monkeypatch.setattr(mamba2_stack_gpu, "on_hopper", lambda: True)
+  monkeypatch.setattr(mamba2_stack_gpu, "step", lambda *a, **kw: calls.append(1) or _emulated(*a, **kw))
+  out = _decode_logits(hf, batch)
+  assert bool(calls) == used
+  for s, (o, r) in enumerate(zip(out, ref, strict=True)):
+    assert rel_err(o, r) < 3e-2, (s, rel_err(o, r))  # bfloat16 residual (the path) against float32 (the kernel)
+  if used:
+    assert np.abs(out - ref).max() > 0  # the kernel's path ran: its float32 residual rounds differently
+
+
+@pytest.mark.skipif(not on_hopper(), reason="needs a Hopper GPU (the kernel cannot be interpreted)")
+def test_model_decode_on_gpu(monkeypatch):
+  """The model's decode steps with the kernel against the layer-by-layer path (itself on its own kernels)."""
+  monkeypatch.setattr(mamba2_stack_gpu, "ENABLED", False)
+  ref = _decode_logits(MAMBA2)
+  monkeypatch.setattr(mamba2_stack_gpu, "ENABLED", True)
+  calls = []
+  step = mamba2_stack_gpu.step
+  monkeypatch.setattr(mamba2_stack_gpu, "step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
+  out = _decode_logits(MAMBA2)
+  assert calls
+  for s, (o, r) in enumerate(zip(out, ref, strict=True)):
+    assert rel_err(o, r) < 3e-2, (s, rel_err(o, r))

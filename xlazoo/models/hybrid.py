@@ -43,6 +43,7 @@ from xlazoo.ops.conv import causal_conv_silu, conv_state
 from xlazoo.ops.mlp import ACTIVATIONS, PreNorm, as_array, linear, linears
 from xlazoo.ops.moe import route_sigmoid, routed_mlp
 from xlazoo.ops.norms import gated_rms_norm, rms_norm
+from xlazoo.ops.pallas import mamba2_stack_gpu
 from xlazoo.ops.rope import Rope
 from xlazoo.ops.ssd import mixer_step, ssd
 
@@ -646,6 +647,26 @@ def _block(kinds: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
   return kinds, 1
 
 
+def _mamba_stack_step(c: Config, params: dict, x_BTD, cache: Cache):
+  """(x, cache) after a decode step of a Mamba-2 stack for one sequence in one kernel (`mamba2_stack_gpu`),
+  where it applies: mamba sublayers only, one group, the gate before the norm, no in/out biases, no multipliers
+  on the mixer; None elsewhere. The kernel keeps the residual in float32 and rounds it once, at the end."""
+  m, p = c.mults, params.get("mamba")
+  if (set(c.sublayers) != {"mamba"} or c.gate_norm != "gate_first" or c.in_bias or c.out_bias
+      or (m.ssm_in, m.ssm_out, m.ssm) != (1.0, 1.0, (1.0,) * 5) or not mamba2_stack_gpu.ENABLED
+      or not mamba2_stack_gpu.supported(x_BTD[:, 0], p["w_in_DZ"], p["w_out_ID"], cache.conv_LBWE, cache.ssm_LBNPQ,
+                                        c.n_groups)):
+    return None
+  conv_b_LE = p.get("conv_b_E")
+  if conv_b_LE is None:
+    conv_b_LE = jnp.zeros(p["conv_w_WE"].shape[::2], p["conv_w_WE"].dtype)
+  h_D, conv_LBWE, ssm_LBNPQ = mamba2_stack_gpu.step(
+      x_BTD[0, 0], p["norm"]["scale"], p["w_in_DZ"], p["conv_w_WE"], conv_b_LE, p["dt_bias_N"], p["A_log_N"], p["D_N"],
+      p["gate_norm"]["scale"], p["w_out_ID"], cache.conv_LBWE, cache.ssm_LBNPQ, eps=c.norm_eps,
+      gate_norm_eps=c.gate_norm_eps)
+  return h_D.astype(x_BTD.dtype)[None, None], cache.replace(conv_LBWE=conv_LBWE, ssm_LBNPQ=ssm_LBNPQ)
+
+
 def forward(
     config: Config,
     params: dict,
@@ -719,7 +740,10 @@ def forward(
       x_BTD = x_BTD + out_BTD
     return (x_BTD, cache), None
 
-  if decode:  # the block index as the loop's own counter: a scan would slice it out of an arange, in a kernel
+  stacked = _mamba_stack_step(c, params, x_BTD, cache) if decode and B == 1 else None
+  if stacked:
+    x_BTD, cache = stacked
+  elif decode:  # the block index as the loop's own counter: a scan would slice it out of an arange, in a kernel
 
     def step(c):
       rep, x_BTD, cache = c

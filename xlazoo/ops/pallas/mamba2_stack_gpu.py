@@ -13,26 +13,27 @@ Computes, for l = 0 .. L-1, on the residual h (float32):
 
 Why one kernel: a decode step streams every layer's weights once (80 MB a layer at the 2.7B shape), and a step of
 separate kernels loses time at every kernel boundary (ramp-up and tail of each GEMV, the small kernels between
-them, the layer loop's own overhead: 47 us a layer against the 31 that the bytes need). Here one producer
+them, the layer loop's own overhead: 47 us a layer against the 28 that the bytes need). Here one producer
 warpgroup a block streams its share of every layer's in_proj and out_proj tiles, back to back, through a ring of
 S SMEM slots, and never waits for the computation except for a free slot. The consumer warpgroup runs the layer's
-three phases, separated by grid barriers (a global semaphore that every block increments and waits on):
+three phases, separated by grid barriers on a global semaphore; each block signals as soon as its writes are done
+and waits only where it needs the others' (loads that do not depend on them go in between).
 
-  A. in_proj: every block normalises h itself (it reads all of h for the 1 / rms), writes the x operand of each
-     of its units into SMEM, multiplies its tiles (wgmma, swap-AB: acc [TN, 8] = w^T x^T) and adds its partial
-     sums into zx (float32, in GMEM) by atomic adds. zx is double-buffered by layer parity; phase B zeroes the
-     other buffer.
-  B. the mixer step, one head a block (N <= NB): the conv of the head's x channels and of the group's B and C,
-     the state update (the state by TMA through SMEM, which it shares with the x tiles; read before the barrier,
-     as are the conv's old window, its taps and the per-head parameters) and g = y silu(z), written to GMEM in
-     the activations' dtype with the head's sum of g^2. The head's x channels' conv state is written in place;
-     the B and C window, which every head reads, is written by block 0 after the next barrier.
-  C. out_proj: every block sums the heads' g^2 for the gated norm's 1 / rms, writes the normed g as the x
-     operand of its units, multiplies, and adds its partials into h by atomic adds.
+  A. in_proj: a block's units are consecutive tiles of one or two K tiles' rows, so it needs the x operand of only
+     those K tiles: x = h nw (the norm's scale), and 1 / rms(h) (the block reads all of h for it) scales each
+     unit's partial sum instead of x. Each unit's partial sum (wgmma, swap-AB: acc [TN, 8] = w^T x^T, column 0) is
+     added into zx (float32, GMEM) by a TMA reduce-add; zx is double-buffered by layer parity, and phase B zeroes
+     the other buffer.
+  B. the mixer step, one head a block (N <= NB): the conv of the head's x channels and of the group's B and C, the
+     state update (the state [P, Q] in registers, read with the conv's old window, taps and the head's scalars
+     before the barrier's wait), and g = y silu(z), written to GMEM in the activations' dtype with the head's sum
+     of g^2. The head's x channels' conv state is written in place; the B and C window, which every head reads,
+     is written by block 0 after the next barrier.
+  C. out_proj: x = g gnw for the block's K tiles, and 1 / rms(g), from the heads' sums of g^2, scales each
+     partial sum, added into the residual h (float32) by a TMA reduce-add.
 
 While the consumer waits at a barrier or runs the step, the producer keeps filling the ring with the next
-phase's tiles, so the stream does not stop (a grid barrier costs about 0.8 us behind 12 slots on an H100;
-benchmarks/RESULTS.md, "Decode, ninth session").
+phase's tiles, so the stream does not stop.
 
 The x operand: row 0 of an [8, TK] tile (swap-AB puts x in the wgmma's N = 8 columns; rows 1..7 stay zero). In
 the 128-byte swizzle a tile's row 0 is stored unpermuted, so the consumer writes it through an untransformed
@@ -40,13 +41,11 @@ view of the same SMEM (a RefUnion) with plain vector stores. One sequence only: 
 swizzle's permutation of rows 1..7 and M steps a head.
 
 Rounding differs from the layer-by-layer path: the residual stays float32 (the model's is in the activations'
-dtype), and the partial sums are added in float32 in any order (atomics: not bitwise deterministic).
+dtype), the norms' 1 / rms multiply the float32 sums rather than the 16-bit operands, and the partial sums are
+added in any order (not bitwise deterministic).
 
-Status: correct against the jnp loop on the H100 (tests/test_mamba2_stack_gpu.py), but at the 2.7B shape it takes
-3.32 ms a token against 3.1 for the layer-by-layer kernels, so no model calls it yet. What is slow (H100, knobs
-switched off one at a time): building the x operands from GMEM after each barrier (8.5 us a layer) and the
-barriers (4.6 us), because phase C's units (12 tiles a block) barely outnumber the ring's slots, so the gaps
-before and after the step add up to more than the ring covers (benchmarks/RESULTS.md, "Decode, tenth session").
+Time (H100, the 2.7B shape, 64 layers, the kernel alone in a trace): 2.30 ms, against 3.1 ms for a whole token on
+the layer-by-layer path (benchmarks/RESULTS.md, "Decode, eleventh session").
 """
 
 import functools
@@ -61,10 +60,8 @@ from xlazoo.ops.pallas import on_hopper
 from xlazoo.ops.pallas.hopper import tile
 
 TK, TN = 64, 128  # weight tiles (16 KiB of bf16)
-PROFILE = ""
-ORDER = "j"
-PREFETCH = 0  # L2 prefetch distance in tiles (0: none)
-SLOTS = 13  # ring slots: 176 KiB, beside the x tiles (26 KiB at the 2.7B shape), which share SMEM with the state (32 KiB)
+ENABLED = True  # hybrid.forward's decode step uses the kernel where `supported` (False: the layer-by-layer path)
+SLOTS = 11  # ring slots: 176 KiB (12 or 13 were no faster at the 2.7B shape)
 XR = 8  # rows of an x tile: the wgmma's N in swap-AB; row 0 is the token
 P_ = 64  # head dim
 f32 = jnp.float32
@@ -87,7 +84,7 @@ def supported(h_MD, w_in_LDZ, w_out_LID, conv_LBWE, ssm_LBNPQ, groups: int) -> b
           and dtype in (jnp.bfloat16, jnp.float16) and w_out_LID.dtype == dtype and conv_LBWE.dtype == dtype
           and ssm_LBNPQ.dtype == f32 and w_out_LID.shape == (L, N * P, D) and D % TN == 0 and Z % TN == 0
           and conv_LBWE.shape[0] == L and N <= _blocks() and Z // TN <= _blocks()
-          and max(_x_tiles(D, Z, N * P, _blocks())) * XR * TK * 2 <= 32 * 1024)  # x's tiles in the state's SMEM
+          and max(_x_tiles(D, Z, N * P, _blocks())) <= 32)  # x's tiles (1 KiB each) fit in SMEM beside the ring
 
 
 def _kj(u, JT):
@@ -140,11 +137,8 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
 
     @pl.loop(0, total)
     def _(t):
-      if PREFETCH:
-        pl.when(t + PREFETCH < total)(lambda: at(t + PREFETCH, plgpu.async_prefetch))
       s = lax.rem(t, S)
-      with jax.named_scope("p_wait"):
-        pl.when(t >= S)(lambda: plgpu.barrier_wait(free.at[s]))
+      pl.when(t >= S)(lambda: plgpu.barrier_wait(free.at[s]))
       at(t, lambda src: plgpu.copy_gmem_to_smem(src, ring.at[s], ready.at[s]))
 
     @pl.loop(jnp.maximum(total - S, 0), total)
@@ -156,10 +150,9 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
     count = pl.get_global(plgpu.SemaphoreType.REGULAR)
     done = pl.get_global(plgpu.SemaphoreType.REGULAR)
 
-    # Grid barrier k (from 1 in a call): signal(k) once the block's writes for it are done, wait(k) until every
-    # block has signalled k. Loads that do not depend on the other blocks go between the two.
-    def signal(k):
-      del k
+    # Grid barrier k (from 1 in a call): every block signals once its writes for it are done, then wait(k) until all
+    # have signalled k times. Loads that do not depend on the other blocks go between the two.
+    def signal():
       plgpu.commit_smem()  # a warpgroup barrier first: one thread's release then covers the others' writes
       plgpu.semaphore_signal(count, 1, memory_scope="gpu")
 
@@ -177,7 +170,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
 
     def k_tiles(KT, JT, XN):  # the K tile of each of the block's x tiles in a phase (the last repeated)
       u0, u1 = _units(p, KT * JT, NB)
-      return [jnp.minimum(u0 // JT + i, (u1 - 1) // JT) for i in range(XN)]
+      return [jnp.minimum(u0 // JT + i, jnp.maximum(u1 - 1, u0) // JT) for i in range(XN)]
 
     def operands(values):  # x tile i (row 0) = values[i]: loaded before the first store, so all are in flight
       x_raw[...] = jnp.zeros(x_raw.shape, dtype)  # rows 1..7 zero
@@ -194,8 +187,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
         slot = lax.rem(t, S)
 
         def product(acc_ref):
-          with jax.named_scope("w_ready"):
-            plgpu.barrier_wait(ready.at[slot])
+          plgpu.barrier_wait(ready.at[slot])
           plgpu.wgmma(acc_ref, T(ring.at[slot]), T(x_tiles.at[k - u0 // JT]))
           plgpu.wgmma_wait(0)
           plgpu.barrier_arrive(free.at[slot])
@@ -219,18 +211,14 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
 
     def layer(l, t):
       s = lax.rem(l, 2)  # zx's buffer
-      with jax.named_scope("a_ops"):
-        # A. in_proj on rms_norm(h) = r h nw: x = h nw, and r scales the partial sums.
-        ks = k_tiles(KA, JA, XA)
-        nws = [load(nw_ref.at[l, pl.ds(k * TK, TK)]) for k in ks]
-      with jax.named_scope("bar3"):
-        wait(3 * l)  # the last layer's residual is complete
-      with jax.named_scope("a_ops2"):
-        hs = [load(h_ref.at[pl.ds(c * P, P)]) for c in range(D // P)]
-        operands([load(h_ref.at[pl.ds(k * TK, TK)]) * w for k, w in zip(ks, nws)])
-      with jax.named_scope("a_mm"):
-        t = matmul(t, KA, JA, zx_ref.at[s], rstd(hs, D, eps))
-        signal(3 * l + 1)
+      # A. in_proj on rms_norm(h) = r h nw: x = h nw, and r scales the partial sums.
+      ks = k_tiles(KA, JA, XA)
+      nws = [load(nw_ref.at[l, pl.ds(k * TK, TK)]) for k in ks]
+      wait(3 * l)  # the last layer's residual is complete
+      hs = [load(h_ref.at[pl.ds(c * P, P)]) for c in range(D // P)]
+      operands([load(h_ref.at[pl.ds(k * TK, TK)]) * w for k, w in zip(ks, nws)])
+      t = matmul(t, KA, JA, zx_ref.at[s], rstd(hs, D, eps))
+      signal()
 
       # B. the mixer step, one head a block (blocks < N); zx's other buffer zeroed for the next layer.
       @pl.when(p < Z // TN)
@@ -245,44 +233,41 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
       def _():
         n = p
         chunks = [(n * P, None, 0)] + bc_chunks
-        with jax.named_scope("b_pre"):
-          # What does not depend on zx, read while the other blocks finish A: the head's state, the conv's old
-          # window, taps and bias, the scalars.
-          st = load(ssm_ref.at[l, 0, n], plgpu.Layout.WGMMA)
-          old = [([load(conv_ref.at[l, 0, w, pl.ds(c, P)]) for w in range(W - 1)],
-                  [load(cw_ref.at[l, w, pl.ds(c, P)]) for w in range(W)], load(cb_ref.at[l, pl.ds(c, P)]))
-                 for c, _, _ in chunks]
-          dtb, alog, Dn = dtb_ref[l, n].astype(f32), alog_ref[l, n].astype(f32), d_ref[l, n].astype(f32)
-        with jax.named_scope("bar1"):
-          wait(3 * l + 1)
-        with jax.named_scope("b_step"):
-          z = new_zx(n * P)
-          inputs = [new_zx(I + c) for c, _, _ in chunks]
-          dt = zx_ref[s, I + E + n].astype(dtype).astype(f32) + dtb
-          dt = jnp.maximum(dt, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(dt)))  # softplus
-          decay = jnp.exp(-dt * jnp.exp(alog))
-          x, bc_windows = None, []
-          for (c, i, j), (window, taps, bias), new in zip(chunks, old, inputs):
-            window = window + [new]
-            v = silu(sum(tp * w for tp, w in zip(taps, window)) + bias).astype(dtype).astype(f32)
-            if i is None:
-              x = v
-              for w in range(W - 1):
-                conv_ref[l, 0, w, pl.ds(c, P)] = window[w + 1].astype(conv_ref.dtype)
-            else:
-              bc_smem[i, pl.ds(j, P)] = v
-              bc_windows.append((c, window[1:]))
-          plgpu.commit_smem()
-          B, C = load(bc_smem.at[0], cols, smem=True), load(bc_smem.at[1], cols, smem=True)
-          bcast = lambda v, dim: lax.broadcast_in_dim(v, (P, Q), [dim])  # noqa: E731
-          st = st * decay + bcast(x * dt, 0) * bcast(B, 1)
-          ssm_ref[l, 0, n] = st
-          y = (st * bcast(C, 1)).sum(axis=1) + Dn * x
-          g = (y.astype(dtype).astype(f32) * silu(z)).astype(dtype)
-          g_ref[pl.ds(n * P, P)] = g
-          g = g.astype(f32)
-          ss_ref[n] = jnp.sum(g * g)  # the gated norm's sum of squares, this head's share
-          signal(3 * l + 2)
+        # What does not depend on zx, read while the other blocks finish A: the head's state, the conv's old
+        # window, taps and bias, the scalars.
+        st = load(ssm_ref.at[l, 0, n], plgpu.Layout.WGMMA)
+        old = [([load(conv_ref.at[l, 0, w, pl.ds(c, P)]) for w in range(W - 1)],
+                [load(cw_ref.at[l, w, pl.ds(c, P)]) for w in range(W)], load(cb_ref.at[l, pl.ds(c, P)]))
+               for c, _, _ in chunks]
+        dtb, alog, Dn = dtb_ref[l, n].astype(f32), alog_ref[l, n].astype(f32), d_ref[l, n].astype(f32)
+        wait(3 * l + 1)
+        z = new_zx(n * P)
+        inputs = [new_zx(I + c) for c, _, _ in chunks]
+        dt = zx_ref[s, I + E + n].astype(dtype).astype(f32) + dtb
+        dt = jnp.maximum(dt, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(dt)))  # softplus
+        decay = jnp.exp(-dt * jnp.exp(alog))
+        x, bc_windows = None, []
+        for (c, i, j), (window, taps, bias), new in zip(chunks, old, inputs):
+          window = window + [new]
+          v = silu(sum(tp * w for tp, w in zip(taps, window)) + bias).astype(dtype).astype(f32)
+          if i is None:
+            x = v
+            for w in range(W - 1):
+              conv_ref[l, 0, w, pl.ds(c, P)] = window[w + 1].astype(conv_ref.dtype)
+          else:
+            bc_smem[i, pl.ds(j, P)] = v
+            bc_windows.append((c, window[1:]))
+        plgpu.commit_smem()
+        B, C = load(bc_smem.at[0], cols, smem=True), load(bc_smem.at[1], cols, smem=True)
+        bcast = lambda v, dim: lax.broadcast_in_dim(v, (P, Q), [dim])  # noqa: E731
+        st = st * decay + bcast(x * dt, 0) * bcast(B, 1)
+        ssm_ref[l, 0, n] = st
+        y = (st * bcast(C, 1)).sum(axis=1) + Dn * x
+        g = (y.astype(dtype).astype(f32) * silu(z)).astype(dtype)
+        g_ref[pl.ds(n * P, P)] = g
+        g = g.astype(f32)
+        ss_ref[n] = jnp.sum(g * g)  # the gated norm's sum of squares, this head's share
+        signal()
 
         @pl.when(p == 0)  # the B and C window's new state, once every head has read the old one
         def _():
@@ -294,21 +279,18 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
       @pl.when(p >= N)
       def _():
         wait(3 * l + 1)
-        signal(3 * l + 2)
+        signal()
 
       kc = k_tiles(KC, JC, XC)
       gnws = [load(gnw_ref.at[l, pl.ds(k * TK, TK)]) for k in kc]
-      with jax.named_scope("bar2"):
-        wait(3 * l + 2)
+      wait(3 * l + 2)
 
-      with jax.named_scope("c_ops"):
-        # C. out_proj on rms_norm(g) = r g gnw: x = g gnw, and r scales the partial sums.
-        sq = [load(ss_ref.at[pl.ds(c, P)]) for c in range(0, ss_ref.shape[0], P)]
-        operands([load(g_ref.at[pl.ds(k * TK, TK)]) * w for k, w in zip(kc, gnws)])
-        r = lax.rsqrt(jnp.sum(sum(sq)) / I + gn_eps)
-      with jax.named_scope("c_mm"):
-        t = matmul(t, KC, JC, h_ref, r)
-        signal(3 * l + 3)
+      # C. out_proj on rms_norm(g) = r g gnw: x = g gnw, and r scales the partial sums.
+      sq = [load(ss_ref.at[pl.ds(c, P)]) for c in range(0, ss_ref.shape[0], P)]
+      operands([load(g_ref.at[pl.ds(k * TK, TK)]) * w for k, w in zip(kc, gnws)])
+      r = lax.rsqrt(jnp.sum(sum(sq)) / I + gn_eps)
+      t = matmul(t, KC, JC, h_ref, r)
+      signal()
       return t
 
     lax.fori_loop(0, L, layer, jnp.int32(0))
@@ -350,8 +332,7 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
 
   pl.kernel(kernel, out_type=(), mesh=plgpu.Mesh(grid=(NB,), grid_names=("p",), num_threads=2, thread_name="wg",
                                                  kernel_name="mamba2_stack"),
-            compiler_params=plgpu.CompilerParams(approx_math=True, **(
-                dict(profile_space=200 * L, profile_dir=PROFILE) if PROFILE else {})))(
+            compiler_params=plgpu.CompilerParams(approx_math=True))(
       h_ref, zx_ref, g_ref, ss_ref, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, D_LN, gate_norm_w_LI,
       w_out_LID, conv_ref, ssm_ref)
   return h_ref[...], conv_ref[...], ssm_ref[...]
