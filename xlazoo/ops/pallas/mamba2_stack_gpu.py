@@ -118,7 +118,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
   KA, KC = D // TK, I // TK  # K tiles of in_proj and out_proj
   JA, JC = Z // TN, D // TN  # their column tiles
   UA, UC = KA * JA, KC * JC  # their units (weight tiles)
-  phases = ((win_ref, KA, JA), (wout_ref, KC, JC))
+  phases = ((win_ref, JA), (wout_ref, JC))  # what the producer streams
 
   @pl.when(wg == 1)
   def _producer():
@@ -131,7 +131,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
     def at(t, op):  # op(the weight tile t of the block's stream)
       l = lax.div(t, per)
       i = t - l * per
-      for (w_ref, _, JT), u, cond in ((phases[0], a0 + i, i < nA), (phases[1], c0 + i - nA, i >= nA)):
+      for (w_ref, JT), u, cond in ((phases[0], a0 + i, i < nA), (phases[1], c0 + i - nA, i >= nA)):
         k, j = _kj(u, JT)
         pl.when(cond)(lambda w_ref=w_ref, k=k, j=j: op(w_ref.at[l, pl.ds(k * TK, TK), pl.ds(j * TN, TN)]))
 
