@@ -25,10 +25,13 @@ and waits only where it needs the others' (loads that do not depend on them go i
      added into zx (float32, GMEM) by a TMA reduce-add; zx is double-buffered by layer parity, and phase B zeroes
      the other buffer.
   B. the mixer step, one head a block (N <= NB): the conv of the head's x channels and of the group's B and C, the
-     state update (the state [P, Q] in registers, read with the conv's old window, taps and the head's scalars
-     before the barrier's wait), and g = y silu(z), written to GMEM in the activations' dtype with the head's sum
-     of g^2. The head's x channels' conv state is written in place; the B and C window, which every head reads,
-     is written by block 0 after the next barrier.
+     state update (the state [P, Q] in registers), and g = y silu(z), written to GMEM in the activations' dtype
+     with the head's sum of g^2; then the signal, and only then the state and the head's x channels' conv window
+     are written in place (the signal's release would wait for those writes). What the step reads that does not
+     depend on A (the state, the conv's old window, taps and bias, the scalars dt_bias, A_log, D) comes by TMA into
+     SMEM, issued at the layer's start: a read from HBM queues behind the weight stream for several microseconds,
+     which A's matmul hides (loads into registers would not: the barriers' fences wait for them). The B and C
+     window, which every head reads, is written by block 0 after the next barrier.
   C. out_proj: x = g gnw for the block's K tiles, and 1 / rms(g), from the heads' sums of g^2, scales each
      partial sum, added into the residual h (float32) by a TMA reduce-add.
 
@@ -44,8 +47,9 @@ Rounding differs from the layer-by-layer path: the residual stays float32 (the m
 dtype), the norms' 1 / rms multiply the float32 sums rather than the 16-bit operands, and the partial sums are
 added in any order (not bitwise deterministic).
 
-Time (H100, the 2.7B shape, 64 layers): the kernel 2.30 ms in a trace; the model's whole decode step 2.43 to 2.48 ms
-with it, against 3.09 to 3.21 on the layer-by-layer path (benchmarks/RESULTS.md, "Decode, eleventh session").
+Time (H100, the 2.7B shape, 64 layers): the kernel 2.22 ms in a trace (34.7 us a layer; a TMA stream of the same
+weights alone takes 29 to 31); the model's whole decode step 2.37 ms with it (benchmarks/RESULTS.md, "Decode,
+twelfth session").
 """
 
 import functools
@@ -62,6 +66,7 @@ from xlazoo.ops.pallas.hopper import tile
 TK, TN = 64, 128  # weight tiles (16 KiB of bf16)
 ENABLED = True  # hybrid.forward's decode step uses the kernel where `supported` (False: the layer-by-layer path)
 SLOTS = 11  # ring slots: 176 KiB (12 or 13 were no faster at the 2.7B shape)
+SMEM_BYTES = 225 * 1024  # of the 227 KiB a block may have on Hopper, with room for what Mosaic GPU adds
 XR = 8  # rows of an x tile: the wgmma's N in swap-AB; row 0 is the token
 P_ = 64  # head dim
 f32 = jnp.float32
@@ -74,7 +79,7 @@ def _blocks() -> int:
 
 def supported(h_MD, w_in_LDZ, w_out_LID, conv_LBWE, ssm_LBNPQ, groups: int) -> bool:
   """Whether `step` handles these on this backend: Hopper, one sequence, bf16 or f16 weights and conv state, one
-  group, P = 64, Q of 64 or 128, widths in whole tiles, and no more heads than SMs."""
+  group, P = 64, Q of 64 or 128, widths in whole tiles, no more heads than SMs, and a block's buffers in SMEM."""
   if h_MD.ndim != 2 or w_in_LDZ.ndim != 3 or w_out_LID.ndim != 3 or conv_LBWE.ndim != 4 or ssm_LBNPQ.ndim != 5:
     return False
   L, D, Z = w_in_LDZ.shape
@@ -84,7 +89,15 @@ def supported(h_MD, w_in_LDZ, w_out_LID, conv_LBWE, ssm_LBNPQ, groups: int) -> b
           and dtype in (jnp.bfloat16, jnp.float16) and w_out_LID.dtype == dtype and conv_LBWE.dtype == dtype
           and ssm_LBNPQ.dtype == f32 and w_out_LID.shape == (L, N * P, D) and D % TN == 0 and Z % TN == 0
           and conv_LBWE.shape[0] == L and N <= _blocks() and Z // TN <= _blocks()
-          and max(_x_tiles(D, Z, N * P, _blocks())) <= 32)  # x's tiles (1 KiB each) fit in SMEM beside the ring
+          and _smem_bytes(D, Z, N, Q, conv_LBWE.shape[2] + 1) <= SMEM_BYTES)
+
+
+def _smem_bytes(D, Z, N, Q, W):
+  """An upper bound on the SMEM a block uses (16-bit weights; conv taps and bias of up to 4 bytes)."""
+  NC, NS = 1 + 2 * Q // P_, -(-N // 32) * 32
+  ring_x = SLOTS * TK * TN + max(_x_tiles(D, Z, N * P_, _blocks())) * XR * TK
+  small = 4 * (2 * Q + 2 * TN + 3 * NS) + NC * P_ * (2 * (W - 1) + 4 * (W + 1)) + 8 * (2 * SLOTS + 1)
+  return 2 * ring_x + 4 * P_ * Q + small
 
 
 def _kj(u, JT):
@@ -106,8 +119,9 @@ def _units(p, U, NB):
   return lax.div(p * U, NB), lax.div((p + 1) * U, NB)
 
 
-def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_ref, alog_ref, d_ref, gnw_ref, wout_ref,
-            conv_ref, ssm_ref, ring, ready, free, xs, bc_smem, sums, *, NB, S, eps, gn_eps):
+def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_ref, gnw_ref, wout_ref, conv_ref, ssm_ref,
+            ring, ready, free, xs, bc_smem, sums, st_smem, win_smem, taps_smem, bias_smem, sc_smem, pre_bar, *, NB, S,
+            eps, gn_eps):
   x_tiles, x_raw = xs  # the x operand's two views of one SMEM region
   p, wg = lax.axis_index("p"), lax.axis_index("wg")
   L, D, Z = win_ref.shape
@@ -211,6 +225,21 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
 
     def layer(l, t):
       s = lax.rem(l, 2)  # zx's buffer
+      # B's reads that do not depend on A, by TMA into SMEM while A runs (see the module docstring).
+      n = p
+      chunks = [(n * P, None, 0)] + bc_chunks
+
+      @pl.when(p < N)
+      def _():
+        plgpu.commit_smem()  # the last layer's reads of these buffers are done
+        copy = lambda src, dst: plgpu.copy_gmem_to_smem(src, dst, pre_bar.at[0])  # noqa: E731
+        copy(ssm_ref.at[l, 0, n], st_smem)
+        copy(sc_ref.at[l], sc_smem)
+        for i, (c, _, _) in enumerate(chunks):
+          copy(conv_ref.at[l, 0, :, pl.ds(c, P)], win_smem.at[i])
+          copy(cw_ref.at[l, :, pl.ds(c, P)], taps_smem.at[i])
+          copy(cb_ref.at[l, pl.ds(c, P)], bias_smem.at[i])
+
       # A. in_proj on rms_norm(h) = r h nw: x = h nw, and r scales the partial sums.
       ks = k_tiles(KA, JA, XA)
       nws = [load(nw_ref.at[l, pl.ds(k * TK, TK)]) for k in ks]
@@ -231,15 +260,11 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
 
       @pl.when(p < N)
       def _():
-        n = p
-        chunks = [(n * P, None, 0)] + bc_chunks
-        # What does not depend on zx, read while the other blocks finish A: the head's state, the conv's old
-        # window, taps and bias, the scalars.
-        st = load(ssm_ref.at[l, 0, n], plgpu.Layout.WGMMA)
-        old = [([load(conv_ref.at[l, 0, w, pl.ds(c, P)]) for w in range(W - 1)],
-                [load(cw_ref.at[l, w, pl.ds(c, P)]) for w in range(W)], load(cb_ref.at[l, pl.ds(c, P)]))
-               for c, _, _ in chunks]
-        dtb, alog, Dn = dtb_ref[l, n].astype(f32), alog_ref[l, n].astype(f32), d_ref[l, n].astype(f32)
+        plgpu.barrier_wait(pre_bar.at[0])
+        st = load(st_smem, plgpu.Layout.WGMMA, smem=True)
+        old = [([load(win_smem.at[i, w]) for w in range(W - 1)], [load(taps_smem.at[i, w]) for w in range(W)],
+                load(bias_smem.at[i])) for i in range(len(chunks))]
+        dtb, alog, Dn = sc_smem[0, n], sc_smem[1, n], sc_smem[2, n]
         wait(3 * l + 1)
         z = new_zx(n * P)
         inputs = [new_zx(I + c) for c, _, _ in chunks]
@@ -251,9 +276,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
           window = window + [new]
           v = silu(sum(tp * w for tp, w in zip(taps, window)) + bias).astype(dtype).astype(f32)
           if i is None:
-            x = v
-            for w in range(W - 1):
-              conv_ref[l, 0, w, pl.ds(c, P)] = window[w + 1].astype(conv_ref.dtype)
+            x, x_window = v, (c, window[1:])
           else:
             bc_smem[i, pl.ds(j, P)] = v
             bc_windows.append((c, window[1:]))
@@ -261,13 +284,17 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
         B, C = load(bc_smem.at[0], cols, smem=True), load(bc_smem.at[1], cols, smem=True)
         bcast = lambda v, dim: lax.broadcast_in_dim(v, (P, Q), [dim])  # noqa: E731
         st = st * decay + bcast(x * dt, 0) * bcast(B, 1)
-        ssm_ref[l, 0, n] = st
         y = (st * bcast(C, 1)).sum(axis=1) + Dn * x
         g = (y.astype(dtype).astype(f32) * silu(z)).astype(dtype)
         g_ref[pl.ds(n * P, P)] = g
         g = g.astype(f32)
         ss_ref[n] = jnp.sum(g * g)  # the gated norm's sum of squares, this head's share
         signal()
+        # The caches' writes after the signal, whose release would otherwise wait for them.
+        ssm_ref[l, 0, n] = st
+        c, window = x_window
+        for w in range(W - 1):
+          conv_ref[l, 0, w, pl.ds(c, P)] = window[w].astype(conv_ref.dtype)
 
         @pl.when(p == 0)  # the B and C window's new state, once every head has read the old one
         def _():
@@ -291,6 +318,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, dtb_r
       r = lax.rsqrt(jnp.sum(sum(sq)) / I + gn_eps)
       t = matmul(t, KC, JC, h_ref, r)
       signal()
+
       return t
 
     lax.fori_loop(0, L, layer, jnp.int32(0))
@@ -314,6 +342,10 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
   NB = _blocks()
   dtype = w_in_LDZ.dtype
   XS = max(_x_tiles(D, Z, N * P, NB))
+  W, E = conv_w_LWE.shape[1:]
+  NC = 1 + 2 * Q // P  # the conv's chunks a head reads: its x channels, and B and C
+  NS = -(-N // 32) * 32  # the scalars' row (TMA moves multiples of 128 bytes)
+  scalars = jnp.zeros((L, 3, NS), f32).at[:, :, :N].set(jnp.stack([dt_bias_LN, A_log_LN, D_LN], 1).astype(f32))
   h_ref = jax.new_ref(h_D.astype(f32), memory_space=plgpu.GMEM)
   zx_ref = jax.new_ref(jnp.zeros((2, Z), f32), memory_space=plgpu.GMEM)
   g_ref = jax.new_ref(jnp.zeros((N * P,), dtype), memory_space=plgpu.GMEM)
@@ -325,6 +357,9 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
       tile((SLOTS, TK, TN), dtype), plgpu.Barrier(num_barriers=SLOTS), plgpu.Barrier(num_barriers=SLOTS),
       plgpu.RefUnion(tile((XS, XR, TK), dtype), plgpu.SMEM((XS, XR, TK), dtype)),
       plgpu.SMEM((2, Q), f32), plgpu.SMEM((2, TN), f32),
+      tile((P, Q), f32), plgpu.SMEM((NC, W - 1, P), conv_LBWE.dtype), plgpu.SMEM((NC, W, P), conv_w_LWE.dtype),
+      plgpu.SMEM((NC, P), conv_b_LE.dtype), plgpu.SMEM((3, NS), f32),
+      plgpu.Barrier(num_arrivals=2 + 3 * NC, num_barriers=(1,)),
   ]
 
   def kernel(*refs):
@@ -333,6 +368,6 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
   pl.kernel(kernel, out_type=(), mesh=plgpu.Mesh(grid=(NB,), grid_names=("p",), num_threads=2, thread_name="wg",
                                                  kernel_name="mamba2_stack"),
             compiler_params=plgpu.CompilerParams(approx_math=True))(
-      h_ref, zx_ref, g_ref, ss_ref, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, D_LN, gate_norm_w_LI,
-      w_out_LID, conv_ref, ssm_ref)
+      h_ref, zx_ref, g_ref, ss_ref, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, scalars, gate_norm_w_LI, w_out_LID,
+      conv_ref, ssm_ref)
   return h_ref[...], conv_ref[...], ssm_ref[...]
