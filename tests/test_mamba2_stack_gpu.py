@@ -86,6 +86,21 @@ def test_matches_reference_on_gpu(L, D, N, Q, W, dtype):
     h, conv, ssm = h_k, conv_k, ssm_k
 
 
+def test_supported_only_where_a_block_fits_in_smem(monkeypatch):
+  """`supported` refuses shapes whose SMEM buffers (the ring, the x tiles, the step's prefetched state and conv
+  window) would not fit a block: D = 8192 with 8 heads needs 2 x tiles a phase on 132 SMs, but 8 on 16, and then
+  the buffers outgrow the SMEM; a conv of width 1 (no window to prefetch) is refused too."""
+  monkeypatch.setattr(mamba2_stack_gpu, "on_hopper", lambda: True)
+  _, w, conv, ssm = jax.eval_shape(lambda: _inputs(1, 8192, 8, 128, 4, jnp.bfloat16, seed=0))
+  args = (jax.ShapeDtypeStruct((1, 8192), jnp.bfloat16), w["w_in"], w["w_out"])
+  monkeypatch.setattr(mamba2_stack_gpu, "_blocks", lambda: 132)
+  assert mamba2_stack_gpu.supported(*args, conv, ssm, groups=1)
+  no_window = jax.ShapeDtypeStruct(conv.shape[:2] + (0,) + conv.shape[3:], conv.dtype)
+  assert not mamba2_stack_gpu.supported(*args, no_window, ssm, groups=1)
+  monkeypatch.setattr(mamba2_stack_gpu, "_blocks", lambda: 16)  # still enough SMs for the heads and zx's tiles
+  assert not mamba2_stack_gpu.supported(*args, conv, ssm, groups=1)
+
+
 def test_lowers_for_the_gpu():
   """On any backend: the kernel traces and lowers to Mosaic GPU (register layouts, the union of the x tiles'
   views, the TMA reduce-adds), at a small shape."""

@@ -88,7 +88,7 @@ def supported(h_MD, w_in_LDZ, w_out_LID, conv_LBWE, ssm_LBNPQ, groups: int) -> b
   return (on_hopper() and h_MD.shape == (1, D) and Bsz == 1 and groups == 1 and P == P_ and Q in (64, 128)
           and dtype in (jnp.bfloat16, jnp.float16) and w_out_LID.dtype == dtype and conv_LBWE.dtype == dtype
           and ssm_LBNPQ.dtype == f32 and w_out_LID.shape == (L, N * P, D) and D % TN == 0 and Z % TN == 0
-          and conv_LBWE.shape[0] == L and N <= _blocks() and Z // TN <= _blocks()
+          and conv_LBWE.shape[0] == L and conv_LBWE.shape[2] >= 1 and N <= _blocks() and Z // TN <= _blocks()
           and _smem_bytes(D, Z, N, Q, conv_LBWE.shape[2] + 1) <= SMEM_BYTES)
 
 
@@ -342,7 +342,7 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
   NB = _blocks()
   dtype = w_in_LDZ.dtype
   XS = max(_x_tiles(D, Z, N * P, NB))
-  W, E = conv_w_LWE.shape[1:]
+  W = conv_w_LWE.shape[1]
   NC = 1 + 2 * Q // P  # the conv's chunks a head reads: its x channels, and B and C
   NS = -(-N // 32) * 32  # the scalars' row (TMA moves multiples of 128 bytes)
   scalars = jnp.zeros((L, 3, NS), f32).at[:, :, :N].set(jnp.stack([dt_bias_LN, A_log_LN, D_LN], 1).astype(f32))
