@@ -220,6 +220,11 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_re
       return t
 
     silu = lambda v: v / (1.0 + jnp.exp(-v))  # noqa: E731
+
+    def put_window(l, c, window):  # the conv state's new window of channels c .. c + P
+      for w in range(W - 1):
+        conv_ref[l, 0, w, pl.ds(c, P)] = window[w].astype(conv_ref.dtype)
+
     bc_chunks = [(I + i * Q + j, i, j) for i in (0, 1) for j in range(0, Q, P)]
     XA, XC = _x_tiles(D, Z, I, NB)
 
@@ -292,16 +297,13 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_re
         signal()
         # The caches' writes after the signal, whose release would otherwise wait for them.
         ssm_ref[l, 0, n] = st
-        c, window = x_window
-        for w in range(W - 1):
-          conv_ref[l, 0, w, pl.ds(c, P)] = window[w].astype(conv_ref.dtype)
+        put_window(l, *x_window)
 
         @pl.when(p == 0)  # the B and C window's new state, once every head has read the old one
         def _():
           wait(3 * l + 2)
           for c, window in bc_windows:
-            for w in range(W - 1):
-              conv_ref[l, 0, w, pl.ds(c, P)] = window[w].astype(conv_ref.dtype)
+            put_window(l, c, window)
 
       @pl.when(p >= N)
       def _():
