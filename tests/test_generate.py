@@ -315,6 +315,24 @@ def test_decode_in_segments_equals_one_call(overrides):
     state = g.decode_jit(model, state, jnp.int32(stop), plan=plan)
     assert int(state.step) == stop
   np.testing.assert_array_equal(np.asarray(state.tokens_BN), np.asarray(whole.tokens_BN))
+  fresh = g.prefill_jit(model, jnp.asarray(prompt_BT), jnp.asarray(lengths_B), jax.random.key(0), plan=plan)
+  np.testing.assert_array_equal(np.asarray(g.finish_jit(model, fresh, plan=plan).tokens_BN), np.asarray(whole.tokens_BN))
+
+
+def test_finish_without_stop_ids_runs_a_loop_of_known_trip_count():
+  """Without stop ids `finish` runs max_new_tokens - 1 steps in a loop whose trip count XLA knows (so the GPU
+  runtime does not copy the loop's condition to the host each step); with stop ids it may end early."""
+  model = make_model(CONFIGS["llama"])
+  prompt, lengths, key = jnp.asarray(np.array([[3, 14, 15]], np.int32)), jnp.asarray([3]), jax.random.key(0)
+
+  def loop_trip_counts(stop_ids):
+    plan = g.prepare(model, [[3, 14, 15]], max_new_tokens=23, stop_ids=stop_ids)[2]
+    state = jax.eval_shape(lambda: g.prefill(model, prompt, lengths, key, plan))
+    text = g.finish_jit.lower(model, state, plan=plan).compile().as_text()
+    return [line.count('"known_trip_count":{"n":"22"}') for line in text.splitlines() if " while(" in line]
+
+  assert sum(loop_trip_counts(())) == 1
+  assert sum(loop_trip_counts((5,))) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +353,8 @@ def test_decode_step_does_not_copy_cache():
   assert mem is not None
   assert mem.temp_size_in_bytes < 0.5 * cache_bytes, (mem.temp_size_in_bytes, cache_bytes)
   assert mem.alias_size_in_bytes >= cache_bytes, (mem.alias_size_in_bytes, cache_bytes)
+  mem = g.finish_jit.lower(model, state_shape, plan=dataclasses.replace(plan, stop_ids=())).compile().memory_analysis()
+  assert mem.temp_size_in_bytes < 0.5 * cache_bytes and mem.alias_size_in_bytes >= cache_bytes
 
   out_shape = jax.eval_shape(lambda s: g.decode(model, s, jnp.int32(3), plan), state_shape)
   assert jax.tree.structure(out_shape.cache) == jax.tree.structure(state_shape.cache)

@@ -208,7 +208,7 @@ def run(model: Model, *, batch: int = 1, prompt_len: int = 512, new_tokens: int 
     last = {}
 
     def decode(state):
-      last["tokens"] = g.decode_jit(model, state, jnp.int32(new_tokens), plan).tokens_BN
+      last["tokens"] = g.finish_jit(model, state, plan).tokens_BN
       pb.update()
       return last["tokens"]
 
