@@ -27,7 +27,8 @@ and waits only where it needs the others' (loads that do not depend on them go i
   B. the mixer step, one head a block (N <= NB): the conv of the head's x channels and of the group's B and C, the
      state update (the state [P, Q] in registers), and g = y silu(z), written to GMEM in the activations' dtype
      with the head's sum of g^2; then the signal, and only then the state and the head's x channels' conv window
-     are written in place (the signal's release would wait for those writes). What the step reads that does not
+     are written in place (the signal's release would wait for those writes). The state goes back by a TMA store
+     from SMEM: 32 KiB of stores from registers would queue ahead of phase C's loads. What the step reads that does not
      depend on A (the state, the conv's old window, taps and bias, the scalars dt_bias, A_log, D) comes by TMA into
      SMEM, issued at the layer's start: a read from HBM queues behind the weight stream for several microseconds,
      which A's matmul hides (loads into registers would not: the barriers' fences wait for them). The B and C
@@ -47,9 +48,9 @@ Rounding differs from the layer-by-layer path: the residual stays float32 (the m
 dtype), the norms' 1 / rms multiply the float32 sums rather than the 16-bit operands, and the partial sums are
 added in any order (not bitwise deterministic).
 
-Time (H100, the 2.7B shape, 64 layers): the kernel 2.22 ms in a trace (34.7 us a layer; a TMA stream of the same
-weights alone takes 29 to 31); the model's whole decode step 2.37 ms with it (benchmarks/RESULTS.md, "Decode,
-twelfth session").
+Time (H100, the 2.7B shape, 64 layers): the kernel 2.20 ms in a trace (34.5 us a layer; a TMA stream of the same
+weights alone takes 29 to 31); the model's whole decode step about 2.32 ms with it (benchmarks/RESULTS.md, "Decode,
+thirteenth session").
 """
 
 import functools
@@ -237,6 +238,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_re
       @pl.when(p < N)
       def _():
         plgpu.commit_smem()  # the last layer's reads of these buffers are done
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # and the TMA store of its state
         copy = lambda src, dst: plgpu.copy_gmem_to_smem(src, dst, pre_bar.at[0])  # noqa: E731
         copy(ssm_ref.at[l, 0, n], st_smem)
         copy(sc_ref.at[l], sc_smem)
@@ -296,7 +298,9 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_re
         ss_ref[n] = jnp.sum(g * g)  # the gated norm's sum of squares, this head's share
         signal()
         # The caches' writes after the signal, whose release would otherwise wait for them.
-        ssm_ref[l, 0, n] = st
+        st_smem[...] = st
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_smem, ssm_ref.at[l, 0, n])
         put_window(l, *x_window)
 
         @pl.when(p == 0)  # the B and C window's new state, once every head has read the old one
