@@ -95,10 +95,15 @@ def supported(h_MD, w_in_LDZ, w_out_LID, conv_LBWE, ssm_LBNPQ, groups: int) -> b
 
 def _smem_bytes(D, Z, N, Q, W):
   """An upper bound on the SMEM a block uses (16-bit weights; conv taps and bias of up to 4 bytes)."""
-  NC, NS = 1 + 2 * Q // P_, -(-N // 32) * 32
+  NC, NS = 1 + 2 * Q // P_, _ns(N)
   ring_x = SLOTS * TK * TN + max(_x_tiles(D, Z, N * P_, _blocks())) * XR * TK
   small = 4 * (2 * Q + 2 * TN + 3 * NS) + NC * P_ * (2 * (W - 1) + 4 * (W + 1)) + 8 * (2 * SLOTS + 1)
   return 2 * ring_x + 4 * P_ * Q + small
+
+
+def _ns(N):
+  """A layer's row of each scalar (dt_bias, A_log, D): Mosaic GPU's copies move multiples of 128 bytes."""
+  return -(-N // 32) * 32
 
 
 def _kj(u, JT):
@@ -120,7 +125,7 @@ def _units(p, U, NB):
   return lax.div(p * U, NB), lax.div((p + 1) * U, NB)
 
 
-def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_ref, gnw_ref, wout_ref, conv_ref, ssm_ref,
+def _kernel(work_ref, nw_ref, win_ref, cw_ref, cb_ref, gnw_ref, wout_ref, conv_ref, ssm_ref, g_ref, ss_ref,
             ring, ready, free, xs, bc_smem, sums, st_smem, win_smem, taps_smem, bias_smem, sc_smem, pre_bar, *, NB, S,
             eps, gn_eps):
   x_tiles, x_raw = xs  # the x operand's two views of one SMEM region
@@ -128,6 +133,9 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_re
   L, D, Z = win_ref.shape
   I = wout_ref.shape[1]
   N, P, Q = ssm_ref.shape[2:]
+  NS = sc_smem.shape[1]
+  h_ref = work_ref.at[pl.ds(0, D)]
+  zx = lambda s, c, n: work_ref.at[pl.ds(D + s * Z + c, n)]  # noqa: E731  (zx's buffer s, columns c .. c + n)
   W, E = cw_ref.shape[1:]
   dtype = win_ref.dtype
   KA, KC = D // TK, I // TK  # K tiles of in_proj and out_proj
@@ -174,6 +182,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_re
     def wait(k):
       plgpu.semaphore_wait(count, NB * k, decrement=False, memory_scope="gpu")
 
+    zeros = lambda: plgpu.layout_cast(jnp.zeros((TN,), f32), plgpu.Layout.WG_STRIDED((TN,), vec_size=1))  # noqa: E731
     rows = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector along a [64, X] tile's rows (two values a thread)
     cols = plgpu.Layout.WGMMA.reduce(0)
 
@@ -241,7 +250,8 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_re
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # and the TMA store of its state
         copy = lambda src, dst: plgpu.copy_gmem_to_smem(src, dst, pre_bar.at[0])  # noqa: E731
         copy(ssm_ref.at[l, 0, n], st_smem)
-        copy(sc_ref.at[l], sc_smem)
+        for i in range(3):
+          copy(work_ref.at[pl.ds(D + 2 * Z + (3 * l + i) * NS, NS)], sc_smem.at[i])
         for i, (c, _, _) in enumerate(chunks):
           copy(conv_ref.at[l, 0, :, pl.ds(c, P)], win_smem.at[i])
           copy(cw_ref.at[l, :, pl.ds(c, P)], taps_smem.at[i])
@@ -253,17 +263,16 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_re
       wait(3 * l)  # the last layer's residual is complete
       hs = [load(h_ref.at[pl.ds(c * P, P)]) for c in range(D // P)]
       operands([load(h_ref.at[pl.ds(k * TK, TK)]) * w for k, w in zip(ks, nws)])
-      t = matmul(t, KA, JA, zx_ref.at[s], rstd(hs, D, eps))
+      t = matmul(t, KA, JA, zx(s, 0, Z), rstd(hs, D, eps))
       signal()
 
       # B. the mixer step, one head a block (blocks < N); zx's other buffer zeroed for the next layer.
       @pl.when(p < Z // TN)
       def _():
-        zx_ref[1 - s, pl.ds(p * TN, TN)] = plgpu.layout_cast(jnp.zeros((TN,), f32),
-                                                             plgpu.Layout.WG_STRIDED((TN,), vec_size=1))
+        zx(1 - s, p * TN, TN)[...] = zeros()
 
       # (rounded, as the layer-by-layer path has in_proj's output)
-      new_zx = lambda c: load(zx_ref.at[s, pl.ds(c, P)]).astype(dtype).astype(f32)  # noqa: E731
+      new_zx = lambda c: load(zx(s, c, P)).astype(dtype).astype(f32)  # noqa: E731
 
       @pl.when(p < N)
       def _():
@@ -275,7 +284,7 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_re
         wait(3 * l + 1)
         z = new_zx(n * P)
         inputs = [new_zx(I + c) for c, _, _ in chunks]
-        dt = zx_ref[s, I + E + n].astype(dtype).astype(f32) + dtb
+        dt = work_ref[D + s * Z + I + E + n].astype(dtype).astype(f32) + dtb
         dt = jnp.maximum(dt, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(dt)))  # softplus
         decay = jnp.exp(-dt * jnp.exp(alog))
         x, bc_windows = None, []
@@ -327,6 +336,8 @@ def _kernel(h_ref, zx_ref, g_ref, ss_ref, nw_ref, win_ref, cw_ref, cb_ref, sc_re
 
       return t
 
+    if ss_ref.shape[0] > N:  # the sums' padding, zeroed before layer 0's first barrier (the heads write after it)
+      pl.when(p == NB - 1)(lambda: ss_ref.__setitem__(pl.ds(ss_ref.shape[0] - TN, TN), zeros()))
     lax.fori_loop(0, L, layer, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
     # Every block is past its last wait: the count back to 0 for the next call.
@@ -350,12 +361,11 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
   XS = max(_x_tiles(D, Z, N * P, NB))
   W = conv_w_LWE.shape[1]
   NC = 1 + 2 * Q // P  # the conv's chunks a head reads: its x channels, and B and C
-  NS = -(-N // 32) * 32  # the scalars' row (TMA moves multiples of 128 bytes)
-  scalars = jnp.zeros((L, 3, NS), f32).at[:, :, :N].set(jnp.stack([dt_bias_LN, A_log_LN, D_LN], 1).astype(f32))
-  h_ref = jax.new_ref(h_D.astype(f32), memory_space=plgpu.GMEM)
-  zx_ref = jax.new_ref(jnp.zeros((2, Z), f32), memory_space=plgpu.GMEM)
-  g_ref = jax.new_ref(jnp.zeros((N * P,), dtype), memory_space=plgpu.GMEM)
-  ss_ref = jax.new_ref(jnp.zeros((-(-N // P) * P,), f32), memory_space=plgpu.GMEM)  # per head; padded with zeros
+  NS = _ns(N)
+  scalars = jnp.pad(jnp.stack([dt_bias_LN, A_log_LN, D_LN], 1).astype(f32), ((0, 0), (0, 0), (0, NS - N)))
+  # One float32 buffer, made by one fusion: the residual, zx's two buffers (zeros), each layer's scalars.
+  work = jnp.concatenate([h_D.astype(f32), jnp.zeros((2 * Z,), f32), scalars.reshape(-1)])
+  work_ref = jax.new_ref(work, memory_space=plgpu.GMEM)
   conv_ref = jax.new_ref(conv_LBWE, memory_space=plgpu.GMEM)
   ssm_ref = jax.new_ref(ssm_LBNPQ, memory_space=plgpu.GMEM)
   body = functools.partial(_kernel, NB=NB, S=SLOTS, eps=float(eps), gn_eps=float(gate_norm_eps))
@@ -365,15 +375,15 @@ def step(h_D, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, dt_bias_LN, A_log_LN, 
       plgpu.SMEM((2, Q), f32), plgpu.SMEM((2, TN), f32),
       tile((P, Q), f32), plgpu.SMEM((NC, W - 1, P), conv_LBWE.dtype), plgpu.SMEM((NC, W, P), conv_w_LWE.dtype),
       plgpu.SMEM((NC, P), conv_b_LE.dtype), plgpu.SMEM((3, NS), f32),
-      plgpu.Barrier(num_arrivals=2 + 3 * NC, num_barriers=(1,)),
+      plgpu.Barrier(num_arrivals=4 + 3 * NC, num_barriers=(1,)),
   ]
 
   def kernel(*refs):
     pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
 
-  pl.kernel(kernel, out_type=(), mesh=plgpu.Mesh(grid=(NB,), grid_names=("p",), num_threads=2, thread_name="wg",
-                                                 kernel_name="mamba2_stack"),
-            compiler_params=plgpu.CompilerParams(approx_math=True))(
-      h_ref, zx_ref, g_ref, ss_ref, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, scalars, gate_norm_w_LI, w_out_LID,
-      conv_ref, ssm_ref)
-  return h_ref[...], conv_ref[...], ssm_ref[...]
+  # g and its sums of squares a head (padded to whole 128s) live only inside the call.
+  out_type = (jax.ShapeDtypeStruct((N * P,), dtype), jax.ShapeDtypeStruct((-(-N // TN) * TN,), f32))
+  mesh = plgpu.Mesh(grid=(NB,), grid_names=("p",), num_threads=2, thread_name="wg", kernel_name="mamba2_stack")
+  pl.kernel(kernel, out_type=out_type, mesh=mesh, compiler_params=plgpu.CompilerParams(approx_math=True))(
+      work_ref, norm_w_LD, w_in_LDZ, conv_w_LWE, conv_b_LE, gate_norm_w_LI, w_out_LID, conv_ref, ssm_ref)
+  return work_ref[:D], conv_ref[...], ssm_ref[...]
