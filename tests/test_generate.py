@@ -131,7 +131,7 @@ def test_cached_decode_matches_no_cache_forward(name):
 
   state, logits_BV = prefill(model, prompt_BT, lengths_B)
   np.testing.assert_array_equal(np.asarray(state.tokens_BN[:, 0]), gen[:, 0])
-  np.testing.assert_array_equal(np.asarray(state.pos_B), [len(p) for p in PROMPTS])
+  np.testing.assert_array_equal(np.asarray(state.start_B), [len(p) for p in PROMPTS])
   cache_shape = (config.num_layers, B, plan.cache_len, config.num_kv_heads, config.head_dim)
   assert [x.shape for x in jax.tree.leaves(state.cache)] == [cache_shape] * 2
   cached = [np.asarray(logits_BV)]

@@ -162,7 +162,7 @@ def test_decode_step_is_constant_in_the_position(tmp_path):
   shapes = jax.tree.map(lambda a: (a.shape, a.dtype), state.cache)
   outs = []
   for pos in (10, 10_000):
-    s = dataclasses.replace(state, pos_B=jnp.array([pos], jnp.int32), step=jnp.int32(1))
+    s = dataclasses.replace(state, start_B=jnp.array([pos], jnp.int32), step=jnp.int32(1))
     s = jax.tree.map(jnp.copy, s)  # decode donates its state
     out = step(model, s, jnp.int32(2))
     assert jax.tree.map(lambda a: (a.shape, a.dtype), out.cache) == shapes

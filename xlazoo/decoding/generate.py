@@ -30,7 +30,7 @@ class State:
   cache: Any
   tokens_BN: jax.Array  # new tokens so far; `pad` past each row's stop
   last_B: jax.Array  # the newest token of each row (input of the next step)
-  pos_B: jax.Array  # the position (= cache slot) that last_B goes to
+  start_B: jax.Array  # the position (= cache slot) of each row's first new token; last_B goes to start_B + step - 1
   done_B: jax.Array  # the row has produced a stop token
   step: jax.Array  # number of new tokens produced
   key: jax.Array
@@ -69,13 +69,15 @@ def prefill(model: Model, prompt_BT: jax.Array, lengths_B: jax.Array, key: jax.A
 def _step(model: Model, s: State, plan: Plan) -> State:
   """One decode step: the model on each row's newest token, then sampling; rows that have stopped emit `pad`."""
   logits_B1V, cache = model.family.forward(
-      model.config, model.params, s.last_B[:, None], cache=s.cache, positions=s.pos_B[:, None]
+      model.config, model.params, s.last_B[:, None], cache=s.cache, positions=(s.start_B + s.step - 1)[:, None]
   )
   tok_B = plan.sampler(logits_B1V[:, 0], jax.random.fold_in(s.key, s.step))
-  tok_B = jnp.where(s.done_B, plan.pad_id, tok_B)
+  done_B = s.done_B
+  if plan.stop_ids:  # (without them no row ever stops)
+    tok_B = jnp.where(done_B, plan.pad_id, tok_B)
+    done_B = done_B | _stopped(tok_B, plan.stop_ids)
   tokens_BN = jax.lax.dynamic_update_slice(s.tokens_BN, tok_B[:, None], (0, s.step))
-  done_B = s.done_B | _stopped(tok_B, plan.stop_ids)
-  return State(cache, tokens_BN, tok_B, s.pos_B + 1, done_B, s.step + 1, s.key)
+  return State(cache, tokens_BN, tok_B, s.start_B, done_B, s.step + 1, s.key)
 
 
 def decode(model: Model, state: State, stop_at: jax.Array, plan: Plan) -> State:
