@@ -1,8 +1,9 @@
 """Mamba-2 2.7B shape, bfloat16, batch 1: xlazoo beside mamba2-jax 1.1.2 and transformers' Mamba2 (PyTorch).
 
-Prefill: a random prompt of --prompt-len tokens. Decode: per-token time over --new-tokens, after the
-prompt. Every model gets the same random weights (ours, handed over under Hugging Face names), and
-the last position's logits of a check prompt are compared before timing.
+Prefill: a random prompt of --prompt-len tokens. Decode: per-token time over --new-tokens, after a prompt of
+--decode-prompt-len tokens (a Mamba-2 step costs the same after any prompt). Every model gets the same random
+weights (ours, handed over under Hugging Face names), and the last position's logits of a check prompt are
+compared before timing.
 
   python -m benchmarks.mamba2                      # the full shape (H100: about 4 minutes)
   python -m benchmarks.mamba2 --layers 8 --prompt-len 2048
@@ -31,7 +32,7 @@ from xlazoo.checkpoints.hf import hf_tensors
 CHECK_LEN = 256  # transformers 5.17's PyTorch Mamba2 path is wrong past one chunk; check within one
 
 
-def peer_mamba2_jax(model, prompt, new_tokens, iters):
+def peer_mamba2_jax(model, prompt, decode_prompt_len, new_tokens, iters):
   from flax import nnx
   from mamba2_jax import Mamba2Config, Mamba2ForCausalLM, modeling, params
 
@@ -50,7 +51,7 @@ def peer_mamba2_jax(model, prompt, new_tokens, iters):
   t_prefill = bench.median_time(lambda: fwd(peer, prompt)["logits"], warmup=1, iters=iters)
 
   def decode():
-    out = fwd(peer, prompt[:, :16])
+    out = fwd(peer, prompt[:, :decode_prompt_len])
     cache, tok = out["cache"], jnp.argmax(out["logits"][:, -1:], -1)
     t = time.perf_counter()
     for _ in range(new_tokens):
@@ -64,7 +65,7 @@ def peer_mamba2_jax(model, prompt, new_tokens, iters):
   return check, t_prefill, t_decode
 
 
-def peer_transformers(model, prompt, new_tokens, iters):
+def peer_transformers(model, prompt, decode_prompt_len, new_tokens, iters):
   import torch
   import transformers
 
@@ -83,14 +84,15 @@ def peer_transformers(model, prompt, new_tokens, iters):
     except torch.OutOfMemoryError:
       t_prefill = None
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-    gen = lambda n: peer.generate(ids[:, :16], max_new_tokens=n, min_new_tokens=n, **kw)  # noqa: E731
+    gen = lambda n: peer.generate(ids[:, :decode_prompt_len], max_new_tokens=n, min_new_tokens=n, **kw)  # noqa: E731
     t_decode = (torch_time(lambda: gen(new_tokens + 1), warmup=1, iters=iters) - torch_time(lambda: gen(1), warmup=1, iters=iters)) / new_tokens
   return check, t_prefill, t_decode
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  shape_flags(ap, layers=64, new_tokens=64)
+  shape_flags(ap, layers=64, new_tokens=256)
+  ap.add_argument("--decode-prompt-len", type=int, default=16, help="prompt before the timed decode steps (default 16)")
   ap.add_argument("--peers", default="mamba2-jax,transformers", help="comma-separated peers to run (default both)")
   args = ap.parse_args()
 
@@ -98,7 +100,8 @@ def main():
   model = bench.random_model(hf)
   print(header("mamba2-jax", "flax"))
   ceil = bench.ceilings()
-  (prefill, decode), _ = bench.run(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens + 1, iters=args.iters)
+  (prefill, _), _ = bench.run(model, prompt_len=args.prompt_len, new_tokens=2, iters=args.iters)
+  (_, decode), _ = bench.run(model, prompt_len=args.decode_prompt_len, new_tokens=args.new_tokens + 1, iters=args.iters)
   prompt = jnp.asarray(np.random.default_rng(1).integers(1, hf["vocab_size"], (1, args.prompt_len)), jnp.int32)
   ours = np.asarray(xlazoo.forward(model, prompt[:, :CHECK_LEN])[:, -1])
   rows = [dataclasses.replace(prefill, name=f"xlazoo {prefill.name}")]
@@ -108,7 +111,7 @@ def main():
     if not name:
       continue
     try:
-      check, tp, td = runs[name](model, prompt, args.new_tokens, args.iters)
+      check, tp, td = runs[name](model, prompt, args.decode_prompt_len, args.new_tokens, args.iters)
     except Exception as e:  # a peer that cannot run here says why; the table goes on
       print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
       continue
@@ -119,7 +122,7 @@ def main():
       print(f"{name}: prefill of {args.prompt_len} tokens ran out of GPU memory")
     else:
       rows.append(dataclasses.replace(prefill, name=f"{name} prefill", seconds=tp, ratio=tp / prefill.seconds))
-    dec_rows.append(dataclasses.replace(decode, name=f"{name} decode", seconds=td, ratio=td / decode.seconds))
+    dec_rows.append(dataclasses.replace(decode, name=f"{name} decode", seconds=td, ratio=td / decode.seconds, once=None))
   print(bench.table(rows + dec_rows, ceil))
 
 

@@ -49,6 +49,22 @@ def test_run_times_what_generate_computes():
   np.testing.assert_array_equal(tokens, np.asarray(g.generate(model, prompts, max_new_tokens=4, stop_ids=())))
 
 
+def test_decode_rate_leaves_out_what_a_call_costs_once(monkeypatch):
+  """The decode row's time is the difference between calls of two lengths over their steps; the rest, which a call
+  costs once, is reported apart. A fake clock: each call takes 1 ms plus 2 ms a decode step."""
+  from tests.tiny import tiny_model
+
+  def fake_median_time(fn, *, setup=None, **_):
+    out = fn(setup()) if setup else fn()
+    return 1e-3 + 2e-3 * (out.shape[1] - 1) if isinstance(out, jax.Array) else 5e-3  # decode: tokens [B, N]
+
+  monkeypatch.setattr(bench, "median_time", fake_median_time)
+  (prefill, decode), _ = bench.run(tiny_model(), prompt_len=5, new_tokens=9, iters=1, progress=False)
+  assert prefill.seconds == 5e-3 and prefill.once is None
+  np.testing.assert_allclose([decode.seconds, decode.once], [2e-3, 1e-3], rtol=1e-9)
+  assert "decode 1x8 steps: a call also costs 1.00 ms once" in bench.table([prefill, decode], bench.Ceilings(1.0, 1.0))
+
+
 def test_bench_command_prints_the_table(capsys, tmp_path):
   path = save_tiny(tmp_path / "tiny")
   code, out, err = run(capsys, "bench", "--model", path, "--prompt-len", "8", "--new-tokens", "3", "--iters", "1")

@@ -12,6 +12,7 @@ Counting conventions (stated once, used by `xlazoo bench` and every script in be
 """
 
 import dataclasses
+import functools
 import math
 import statistics
 import time
@@ -167,6 +168,7 @@ class Row:
   flops: float
   nbytes: float
   ratio: float | None = None  # a peer's row: its time / xlazoo's for the same work (> 1: xlazoo is faster)
+  once: float | None = None  # xlazoo's decode: seconds a call costs once, beside its steps (not in `seconds`)
 
 
 def table(rows: list[Row], ceil: Ceilings) -> str:
@@ -181,12 +183,17 @@ def table(rows: list[Row], ceil: Ceilings) -> str:
         f"{r.name:34} {ms:>10} {r.tokens / r.seconds:10.1f} {tf:8.1f} {tb:6.2f} "
         f"{100 * tf / ceil.tflops:5.1f} {100 * tb / ceil.tbps:5.1f} {ratio:>15}".rstrip()
     )
+  lines += [f"{r.name}: a call also costs {r.once * 1e3:.2f} ms once (dispatch, first launches, sync)"
+            for r in rows if r.once is not None]
   return "\n".join(lines)
 
 
 def run(model: Model, *, batch: int = 1, prompt_len: int = 512, new_tokens: int = 128, iters: int = 5, progress: bool = True):
   """Times xlazoo's compiled prefill and decode loop (as `xlazoo.generate` runs them).
 
+  A decode step's time is the difference between calls of new_tokens - 1 and (new_tokens - 1) // 2 steps over the
+  same cache, divided by the steps between them: what a call costs once (its dispatch, the first step's launches,
+  the final sync; about 1 ms on an H100) is left out of the rate and reported apart (`Row.once`).
   Returns the two table rows and the tokens of the last decode run [batch, new_tokens].
   """
   from xlazoo.checkpoints.files import progress as bar
@@ -199,15 +206,20 @@ def run(model: Model, *, batch: int = 1, prompt_len: int = 512, new_tokens: int 
   prompt_BT, lengths = jnp.asarray(prompt_BT), jnp.asarray(lengths_B)
   key = jax.random.key(0)
   steps = new_tokens - 1  # the prefill makes the first new token
+  half = dataclasses.replace(plan, max_new_tokens=1 + steps // 2)
   counts = count(model)
-  with bar(2 * (1 + iters), f"bench {batch}x{prompt_len}+{new_tokens}", progress) as pb:
+  with bar(3 * (1 + iters), f"bench {batch}x{prompt_len}+{new_tokens}", progress) as pb:
 
     def prefill():
       return g.prefill_jit(model, prompt_BT, lengths, key, plan)
 
+    def short_prefill():  # the same state with room for fewer new tokens
+      s = prefill()
+      return s.replace(tokens_BN=s.tokens_BN[:, : half.max_new_tokens])
+
     last = {}
 
-    def decode(state):
+    def decode(state, plan=plan):
       last["tokens"] = g.finish_jit(model, state, plan).tokens_BN
       pb.update()
       return last["tokens"]
@@ -219,10 +231,17 @@ def run(model: Model, *, batch: int = 1, prompt_len: int = 512, new_tokens: int 
 
     t_prefill = median_time(timed_prefill, warmup=1, iters=iters)
     cache = jax.eval_shape(prefill).cache
-    t_decode = median_time(decode, warmup=1, iters=iters, setup=prefill) / steps
+    t_half = median_time(functools.partial(decode, plan=half), warmup=1, iters=iters, setup=short_prefill)
+    t_full = median_time(decode, warmup=1, iters=iters, setup=prefill)
+  t_decode, once = (t_full - t_half) / (steps - steps // 2), None
+  if t_decode > 0:
+    once = t_full - steps * t_decode
+  else:  # the timings' noise exceeds the steps between them (a few steps of a small model): the plain mean
+    t_decode = t_full / steps
   mid_B = lengths_B + new_tokens // 2  # the average decode step's context
   rows = [
       Row(f"prefill {batch}x{prompt_len}", t_prefill, batch * prompt_len, prefill_flops(counts, batch, prompt_len), counts.weight_bytes),
-      Row(f"decode {batch}x{steps} steps", t_decode, batch, decode_flops(counts, mid_B), decode_bytes(counts, cache, mid_B)),
+      Row(f"decode {batch}x{steps} steps", t_decode, batch, decode_flops(counts, mid_B), decode_bytes(counts, cache, mid_B),
+          once=once),
   ]
   return rows, np.asarray(last["tokens"])
