@@ -266,7 +266,8 @@ def parser() -> argparse.ArgumentParser:
   bench = sub.add_parser(
       "bench", help="time prefill and decode of a checkpoint or a named shape",
       description="Time the compiled prefill and decode loop (as `generate` runs them) on random prompts, and print "
-      "time, tokens/s, TFLOP/s and TB/s beside the matmul and copy ceilings measured on this device.",
+      "time, tokens/s, TFLOP/s and TB/s beside the matmul and copy ceilings measured on this device. A decode step's "
+      "time comes from calls of two lengths (--new-tokens and about half); what a call costs once is shown apart.",
   )
   bench.add_argument("--model", required=True, help=f"checkpoint directory or .gguf file, or a named shape with random weights: {', '.join(SHAPES)}")
   bench.add_argument("--dtype", help="parameter dtype (default: the checkpoint's; bfloat16 for named shapes)")
