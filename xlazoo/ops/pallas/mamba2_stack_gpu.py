@@ -48,9 +48,9 @@ Rounding differs from the layer-by-layer path: the residual stays float32 (the m
 dtype), the norms' 1 / rms multiply the float32 sums rather than the 16-bit operands, and the partial sums are
 added in any order (not bitwise deterministic).
 
-Time (H100, the 2.7B shape, 64 layers): the kernel 2.20 ms in a trace (34.5 us a layer; a TMA stream of the same
-weights alone takes 29 to 31); the model's whole decode step about 2.32 ms with it (benchmarks/RESULTS.md, "Decode,
-thirteenth session").
+Time (H100, the 2.7B shape, 64 layers): the kernel 2.18 to 2.20 ms in a trace (34 us a layer; a TMA stream of the
+same weights alone takes 29 to 31); the model's whole decode step about 2.29 ms with it (benchmarks/RESULTS.md,
+"Decode, fourteenth session").
 """
 
 import functools
