@@ -336,8 +336,11 @@ def _kernel(work_ref, nw_ref, win_ref, cw_ref, cb_ref, gnw_ref, wout_ref, conv_r
 
       return t
 
-    if ss_ref.shape[0] > N:  # the sums' padding, zeroed before layer 0's first barrier (the heads write after it)
-      pl.when(p == NB - 1)(lambda: ss_ref.__setitem__(pl.ds(ss_ref.shape[0] - TN, TN), zeros()))
+    @pl.when(p == NB - 1)
+    def _():  # the sums' padding, zeroed before layer 0's first barrier (the heads write theirs after it)
+      if ss_ref.shape[0] > N:
+        ss_ref[pl.ds(ss_ref.shape[0] - TN, TN)] = zeros()
+
     lax.fori_loop(0, L, layer, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
     # Every block is past its last wait: the count back to 0 for the next call.
